@@ -1,0 +1,38 @@
+# The two commands the README opens with: `make run` and `make test`.
+# Both create .venv when it is missing and install the project into it.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: run test lint typecheck pytest bench clean test-all
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/python -m pool.guest demo
+
+lint: $(STAMP)
+	$(BIN)/ruff check pool daemon hv_netvsc_sim tests bench
+	$(BIN)/ruff format --check pool daemon hv_netvsc_sim tests bench
+
+typecheck: $(STAMP)
+	$(BIN)/mypy pool daemon hv_netvsc_sim
+
+pytest: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow"
+
+test: lint typecheck pytest
+
+test-all: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+bench: $(STAMP)
+	for b in bench/bench_*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""sharedpoold: the daemon serving a SharedPool."""

@@ -1,0 +1,1 @@
+"""A simulated hv_netvsc driver and Hyper-V host that exercise the pool."""

@@ -1,0 +1,264 @@
+"""The kernel's direct map: every RAM page mapped once, with the largest leaves that fit.
+
+Attribute changes follow arch/x86/mm/pat/set_memory.c (__change_page_attr,
+__should_split_large_page): a large leaf is kept when the change covers the whole
+aligned leaf, or when the leaf already carries the new attribute; otherwise it is
+split, 1 GiB -> 512 x 2 MiB (a level-3 split) or 2 MiB -> 512 x 4 KiB (a level-2
+split). Each split allocates one page-table page and does a global TLB flush, and
+none is ever undone on this path.
+
+The only attribute modeled is the encryption bit (0 private, 1 shared). Per-page
+state is one byte per page in numpy arrays; leaf structure is one byte per 2 MiB
+and per 1 GiB region. A leaf's pages always carry the same attribute, so a leaf's
+attribute is the attribute of its first page.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import attrs
+import numpy as np
+import numpy.typing as npt
+
+from pool.guest.units import PAGE_SIZE, PAGES_PER_1G, PAGES_PER_2M
+
+PRIVATE = 0
+SHARED = 1
+
+# Per-2MiB-region mapping level.
+IN_1G = 0  # covered by a 1 GiB leaf
+LEAF_2M = 1  # a 2 MiB leaf
+LEAF_4K = 2  # 4 KiB leaves (only the RAM pages of the region are mapped)
+NO_RAM = 3  # nothing mapped
+
+_SHIFT_2M = 9
+_SHIFT_1G = 18
+
+
+@attrs.frozen
+class Leaf:
+    """A run of identical direct-map leaves: start pfn, pages, leaf size name, attribute."""
+
+    start_pfn: int
+    npages: int
+    size: str  # "4k", "2M" or "1G"
+    attr: int
+
+
+@attrs.frozen
+class SplitCounts:
+    level2: int = 0
+    level3: int = 0
+
+
+class DirectMap:
+    """The direct map of a guest with RAM in `ram` pfn ranges (holes unmapped)."""
+
+    def __init__(self, end_pfn: int, ram: Sequence[tuple[int, int]]) -> None:
+        self.end_pfn = end_pfn
+        n2m = -(-end_pfn // PAGES_PER_2M)
+        n1g = -(-end_pfn // PAGES_PER_1G)
+        self.ram = np.zeros(n2m * PAGES_PER_2M, dtype=np.bool_)
+        for start, end in ram:
+            if not 0 <= start <= end <= end_pfn:
+                raise ValueError(f"RAM range [{start:#x}, {end:#x}) outside [0, {end_pfn:#x})")
+            self.ram[start:end] = True
+        self.attr = np.zeros(n2m * PAGES_PER_2M, dtype=np.uint8)
+        ram_per_2m = self.ram.reshape(n2m, PAGES_PER_2M).sum(axis=1)
+        self._ram_per_2m = ram_per_2m
+        self.level = np.where(ram_per_2m == PAGES_PER_2M, LEAF_2M,
+                              np.where(ram_per_2m == 0, NO_RAM, LEAF_4K)).astype(np.uint8)
+        padded = np.full(n1g * 512, NO_RAM, dtype=np.uint8)
+        padded[:n2m] = self.level
+        self.is_1g = (padded.reshape(n1g, 512) == LEAF_2M).all(axis=1).astype(np.uint8)
+        for g in np.flatnonzero(self.is_1g):
+            self.level[g * 512:(g + 1) * 512] = IN_1G
+        self.ram_pages = int(self.ram.sum())
+        self.level2_splits = 0
+        self.level3_splits = 0
+        self._count_leaves()
+        self._boot_1g = self.n1g
+        self._boot_4k_regions = int(np.count_nonzero(self.level == LEAF_4K))
+
+    def _count_leaves(self) -> None:
+        self.n1g = int(self.is_1g.sum())
+        self.n2m = int(np.count_nonzero(self.level == LEAF_2M))
+        self.n4k = int(self._ram_per_2m[self.level == LEAF_4K].sum())
+
+    # ---- reading ---------------------------------------------------------------
+
+    def bytes_by_size(self) -> dict[str, int]:
+        """DirectMap4k / DirectMap2M / DirectMap1G of /proc/meminfo, in bytes."""
+        return {"4k": self.n4k * PAGE_SIZE, "2M": self.n2m * PAGES_PER_2M * PAGE_SIZE,
+                "1G": self.n1g * PAGES_PER_1G * PAGE_SIZE}
+
+    def leaf_size_of(self, pfn: int) -> str:
+        if not self.ram[pfn]:
+            raise ValueError(f"pfn {pfn:#x} is not RAM: it has no direct-map mapping")
+        if self.is_1g[pfn >> _SHIFT_1G]:
+            return "1G"
+        return "2M" if self.level[pfn >> _SHIFT_2M] == LEAF_2M else "4k"
+
+    def leaves(self) -> Iterator[Leaf]:
+        """The mapping as runs of identical leaves (same size, attribute, contiguous), ascending."""
+        run: list[int] | None = None  # [start, npages, size_index, attr]
+        sizes = ("4k", "2M", "1G")
+        for start, npages, size, attr in self._raw_leaves():
+            if run and run[0] + run[1] == start and run[2] == size and run[3] == attr:
+                run[1] += npages
+                continue
+            if run:
+                yield Leaf(run[0], run[1], sizes[run[2]], run[3])
+            run = [start, npages, size, attr]
+        if run:
+            yield Leaf(run[0], run[1], sizes[run[2]], run[3])
+
+    def _raw_leaves(self) -> Iterator[tuple[int, int, int, int]]:
+        n2m = len(self.level)
+        m = 0
+        while m < n2m:
+            g = m >> (_SHIFT_1G - _SHIFT_2M)
+            if self.is_1g[g]:
+                start = g << _SHIFT_1G
+                yield start, PAGES_PER_1G, 2, int(self.attr[start])
+                m = (g + 1) * 512
+                continue
+            level = self.level[m]
+            start = m << _SHIFT_2M
+            if level == LEAF_2M:
+                yield start, PAGES_PER_2M, 1, int(self.attr[start])
+            elif level == LEAF_4K:
+                ram = self.ram[start:start + PAGES_PER_2M]
+                attr = self.attr[start:start + PAGES_PER_2M]
+                # runs of RAM pages with the same attribute
+                key = np.where(ram, attr.astype(np.int16), -1)
+                edges = np.flatnonzero(np.diff(key)) + 1
+                bounds = [0, *edges.tolist(), PAGES_PER_2M]
+                for a, b in zip(bounds, bounds[1:], strict=False):
+                    if key[a] >= 0:
+                        yield start + a, b - a, 0, int(key[a])
+            m += 1
+
+    def splits(self) -> SplitCounts:
+        return SplitCounts(self.level2_splits, self.level3_splits)
+
+    # ---- changing --------------------------------------------------------------
+
+    def _split_1g(self, g: int) -> None:
+        self.is_1g[g] = 0
+        self.level[g * 512:(g + 1) * 512] = LEAF_2M
+        self.n1g -= 1
+        self.n2m += 512
+        self.level3_splits += 1
+
+    def _split_2m(self, m: int) -> None:
+        self.level[m] = LEAF_4K
+        self.n2m -= 1
+        self.n4k += PAGES_PER_2M
+        self.level2_splits += 1
+
+    def _check_ram(self, start: int, npages: int) -> None:
+        if npages <= 0 or start < 0 or start + npages > self.end_pfn:
+            raise ValueError(f"range [{start:#x}, +{npages}) outside the guest's memory")
+        if not self.ram[start:start + npages].all():
+            raise ValueError(f"range [{start:#x}, +{npages}) includes pages that are not RAM")
+
+    def set_range(self, start: int, npages: int, attr: int) -> SplitCounts:
+        """Change the attribute of a physically contiguous range, as one cpa call does."""
+        self._check_ram(start, npages)
+        before = self.splits()
+        p, end = start, start + npages
+        while p < end:
+            g = p >> _SHIFT_1G
+            if self.is_1g[g]:
+                lo, hi = g << _SHIFT_1G, (g + 1) << _SHIFT_1G
+                if p == lo and end >= hi:
+                    self.attr[lo:hi] = attr
+                    p = hi
+                elif self.attr[lo] == attr:
+                    p = min(hi, end)
+                else:
+                    self._split_1g(g)
+                continue
+            m = p >> _SHIFT_2M
+            lo, hi = m << _SHIFT_2M, (m + 1) << _SHIFT_2M
+            if self.level[m] == LEAF_2M:
+                if p == lo and end >= hi:
+                    self.attr[lo:hi] = attr
+                    p = hi
+                elif self.attr[lo] == attr:
+                    p = min(hi, end)
+                else:
+                    self._split_2m(m)
+                continue
+            q = min(hi, end)
+            self.attr[p:q] = attr
+            p = q
+        after = self.splits()
+        return SplitCounts(after.level2 - before.level2, after.level3 - before.level3)
+
+    def set_pages(self, pfns: npt.NDArray[np.int64], attr: int) -> SplitCounts:
+        """Change the attribute of scattered pages one at a time (cpa alias processing of a
+        vmalloc range): a page never covers a whole large leaf, so every large leaf holding
+        one of the pages splits unless it already carries `attr`. Vectorized; the result is
+        the same as the kernel's page-by-page loop, whose splits do not depend on order."""
+        if len(pfns) == 0:
+            return SplitCounts()
+        if pfns.min() < 0 or pfns.max() >= self.end_pfn or not self.ram[pfns].all():
+            raise ValueError("page list includes pages that are not RAM")
+        before = self.splits()
+        for g in np.unique(pfns >> _SHIFT_1G).tolist():
+            if self.is_1g[g] and self.attr[g << _SHIFT_1G] != attr:
+                self._split_1g(g)
+        for m in np.unique(pfns >> _SHIFT_2M).tolist():
+            if self.level[m] == LEAF_2M and self.attr[m << _SHIFT_2M] != attr:
+                self._split_2m(m)
+        self.attr[pfns] = attr
+        after = self.splits()
+        return SplitCounts(after.level2 - before.level2, after.level3 - before.level3)
+
+    def boot_split(self, pfn: int) -> None:
+        """Split the leaves around `pfn` down to 4 KiB as boot-time attribute changes do
+        (kernel text, rodata, early allocations). Not counted: /proc/vmstat does not count
+        splits made during boot (DESIGN.md section 2)."""
+        g, m = pfn >> _SHIFT_1G, pfn >> _SHIFT_2M
+        if not self.ram[pfn]:
+            return
+        if self.is_1g[g]:
+            self._split_1g(g)
+            self.level3_splits -= 1
+            self._boot_1g -= 1
+        if self.level[m] == LEAF_2M:
+            self._split_2m(m)
+            self.level2_splits -= 1
+            self._boot_4k_regions += 1
+
+    # ---- checking --------------------------------------------------------------
+
+    def check_invariants(self) -> None:
+        """Leaf bytes sum to RAM; counters agree with the structures; leaves are uniform."""
+        sizes = self.bytes_by_size()
+        assert sum(sizes.values()) == self.ram_pages * PAGE_SIZE, f"leaf bytes {sizes} != RAM"
+        n1g = int(self.is_1g.sum())
+        n2m = int(np.count_nonzero(self.level == LEAF_2M))
+        n4k = int(self._ram_per_2m[self.level == LEAF_4K].sum())
+        assert (n1g, n2m, n4k) == (self.n1g, self.n2m, self.n4k), "leaf counters drifted"
+        assert self._boot_1g - n1g == self.level3_splits, "level-3 counter != 1G leaves lost"
+        regions_4k = int(np.count_nonzero(self.level == LEAF_4K))
+        assert regions_4k - self._boot_4k_regions == self.level2_splits, "level-2 counter drifted"
+        for g in np.flatnonzero(self.is_1g).tolist():
+            block = self.attr[g << _SHIFT_1G:(g + 1) << _SHIFT_1G]
+            assert (block == block[0]).all(), f"1G leaf {g} not uniform"
+            assert (self.level[g * 512:(g + 1) * 512] == IN_1G).all()
+        leaves_2m = np.flatnonzero(self.level == LEAF_2M)
+        if len(leaves_2m):
+            blocks = self.attr.reshape(-1, PAGES_PER_2M)[leaves_2m]
+            assert (blocks == blocks[:, :1]).all(), "a 2M leaf is not uniform"
+
+    def clone(self) -> DirectMap:
+        other = object.__new__(DirectMap)
+        other.__dict__.update(self.__dict__)
+        for name in ("ram", "attr", "level", "is_1g"):
+            setattr(other, name, getattr(self, name).copy())
+        return other

@@ -1,0 +1,362 @@
+"""The simulated confidential guest: one object that owns the machine's state.
+
+`Guest` ties together the page allocator, the background workload, the direct
+map, the vmalloc space, the CoCo platform and the counters, and implements the
+kernel's conversion sequence (__set_memory_enc_pgtable in
+arch/x86/mm/pat/set_memory.c) on top of them:
+
+  1. flush TLB, and caches for every page where the platform requires it;
+  2. shared -> private only: MapGPA and accept (enc_status_change_prepare);
+  3. change the page tables (direct-map leaves keep or split; vmalloc PTEs, and
+     with alias processing the pages' direct-map aliases one by one);
+  4. flush TLB again;
+  5. private -> shared only: MapGPA (enc_status_change_finish).
+
+This order guarantees that no private mapping ever points at a shared page. A
+conversion that fails leaves its pages UNKNOWN and the caller must leak them:
+`free_pages` refuses any page that is not private and privately mapped.
+
+The guest knows nothing of pools: strategies in `pool` call it, never the reverse.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Sequence
+
+import attrs
+import numpy as np
+import numpy.typing as npt
+
+from pool.guest import hazards
+from pool.guest.buddy import PageAllocator, Zone, default_zones
+from pool.guest.costs import CostProfile
+from pool.guest.directmap import PRIVATE, SHARED, DirectMap, SplitCounts
+from pool.guest.fragmentation import fragmentation_index, unusable_free_index
+from pool.guest.platform import (
+    PAGE_PRIVATE,
+    ConversionResult,
+    FaultPlan,
+    Host,
+    Platform,
+    SimulatedHost,
+)
+from pool.guest.stats import Counts, GuestStats
+from pool.guest.units import GiB, MiB, NR_ORDERS, PAGE_SHIFT, PAGE_SIZE, PAGES_PER_2M
+from pool.guest.vmalloc import VmallocSpace, VmArea, runs_of
+from pool.guest.workload import Churn, ChurnConfig
+
+Runs = Sequence[tuple[int, int]]
+
+
+@attrs.frozen
+class GuestConfig:
+    """What machine to build. Defaults: a 16 GiB TDX guest with the 3-4 GiB PCI hole.
+
+    reserved: byte ranges of RAM kept out of the page allocator (memblock reservations:
+      the first MiB, the kernel image); they stay mapped in the direct map.
+    boot_splits: pfns whose direct-map leaves boot-time attribute changes split to 4 KiB
+      (None: the first 2 MiB, as every x86 guest's ptdump shows, the end of the kernel
+      image, and `boot_scatter_splits` seeded random places); uncounted, as in /proc/vmstat.
+    """
+
+    memory_bytes: int = 16 * GiB
+    hole: tuple[int, int] | None = (3 * GiB, 4 * GiB)
+    platform: str = "tdx"
+    seed: int = 1
+    cost_profile: str | None = None
+    faults: FaultPlan = FaultPlan()
+    churn: ChurnConfig = ChurnConfig()
+    reserved: tuple[tuple[int, int], ...] = ((0, 1 * MiB), (16 * MiB, 64 * MiB))
+    boot_splits: tuple[int, ...] | None = None
+    boot_scatter_splits: int = 4
+
+    def __attrs_post_init__(self) -> None:
+        if self.memory_bytes < 16 * MiB or self.memory_bytes % (4 * MiB):
+            raise ValueError(f"guest memory must be a multiple of 4 MiB and at least 16 MiB: "
+                             f"{self.memory_bytes}")
+        if self.hole is not None:
+            lo, hi = self.hole
+            if not (0 < lo < hi and lo % (2 * MiB) == 0 and hi % (2 * MiB) == 0):
+                raise ValueError(f"hole must be 2 MiB-aligned and lo < hi: {self.hole}")
+        if self.platform not in ("none", "tdx", "snp"):
+            raise ValueError(f"unknown platform {self.platform!r}: expected none, tdx or snp")
+
+    def ram_ranges(self) -> list[tuple[int, int]]:
+        """RAM as pfn ranges: memory below the hole, the rest above it."""
+        size = self.memory_bytes >> PAGE_SHIFT
+        if self.hole is None or self.memory_bytes <= self.hole[0]:
+            return [(0, size)]
+        lo, hi = self.hole[0] >> PAGE_SHIFT, self.hole[1] >> PAGE_SHIFT
+        return [(0, lo), (hi, hi + size - lo)]
+
+
+@attrs.frozen
+class ZoneReport:
+    name: str
+    nr_free: tuple[int, ...]
+    fragmentation_index: tuple[int, ...]  # thousandths, per order
+    unusable_free_index: tuple[int, ...]  # thousandths, per order
+
+
+@attrs.frozen
+class GuestReport:
+    """A reading of the machine for reports, metrics and compare."""
+
+    zones: tuple[ZoneReport, ...]
+    free_pages: int
+    direct_map_bytes: dict[str, int]
+    counts: Counts
+    hazards: hazards.HazardReport
+
+
+def _subtract(ram: list[tuple[int, int]], holes: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+    out = list(ram)
+    for hs, he in holes:
+        nxt = []
+        for s, e in out:
+            if he <= s or hs >= e:
+                nxt.append((s, e))
+                continue
+            if s < hs:
+                nxt.append((s, hs))
+            if he < e:
+                nxt.append((he, e))
+        out = nxt
+    return out
+
+
+class Guest:
+    def __init__(self, config: GuestConfig | None = None, host: Host | None = None) -> None:
+        self.config = config = config or GuestConfig()
+        ram = config.ram_ranges()
+        self.end_pfn = ram[-1][1]
+        self.stats = GuestStats()
+        self.costs = CostProfile.load(config.platform, config.cost_profile)
+        self.host: Host = host or SimulatedHost(config.faults)
+        self.platform = Platform(config.platform, self.end_pfn, self.stats, self.costs, self.host)
+        self.direct_map = DirectMap(self.end_pfn, ram)
+        self.vmalloc = VmallocSpace()
+        self.content = np.zeros(self.end_pfn, dtype=np.uint32)
+        reserved = [(s >> PAGE_SHIFT, -(-e // PAGE_SIZE)) for s, e in config.reserved]
+        self.zones: tuple[Zone, ...] = default_zones(self.end_pfn)
+        self.allocator = PageAllocator(self.end_pfn, _subtract(ram, reserved), self.zones)
+        self.churn = Churn(self.allocator, config.seed, config.churn)
+        for pfn in self._boot_split_pfns(ram, reserved):
+            self.direct_map.boot_split(pfn)
+
+    def _boot_split_pfns(self, ram: list[tuple[int, int]],
+                         reserved: list[tuple[int, int]]) -> list[int]:
+        if self.config.boot_splits is not None:
+            return list(self.config.boot_splits)
+        pfns = [0]  # the first 2 MiB: real-mode trampoline, BIOS areas
+        pfns += [e for _, e in reserved if e % PAGES_PER_2M and e < self.end_pfn]  # image ends
+        rng = np.random.default_rng(self.config.seed ^ 0xB007)
+        total = sum(e - s for s, e in ram)
+        for x in rng.integers(0, total, self.config.boot_scatter_splits).tolist():
+            for s, e in ram:
+                if x < e - s:
+                    pfns.append(s + x)
+                    break
+                x -= e - s
+        return pfns
+
+    # ---- aging -----------------------------------------------------------------
+
+    def age(self, steps: int, progress: Callable[[int, int], None] | None = None) -> None:
+        """Run the background workload for `steps` steps (page-cache and slab churn)."""
+        self.churn.run(steps, progress)
+
+    def background(self, steps: int) -> None:
+        """Churn between events: the rest of the guest keeps allocating and freeing."""
+        if steps > 0:
+            self.churn.step(steps)
+
+    # ---- page allocator ----------------------------------------------------------
+
+    def alloc_pages(self, order: int) -> int | None:
+        """__get_free_pages: an order-`order` block's first pfn, or None when memory is short."""
+        return self.allocator.alloc(order)
+
+    def claim_range(self, start_pfn: int, npages: int) -> bool:
+        return self.allocator.claim_range(start_pfn, npages)
+
+    def free_pages(self, pfn: int, order: int) -> None:
+        """Give pages back. Refuses pages that are not private and privately mapped: a page of
+        unknown state must be leaked, never returned (CVE-2024-36911)."""
+        n = 1 << order
+        if self.platform.encrypts:
+            state = self.platform.state[pfn:pfn + n]
+            if (state != PAGE_PRIVATE).any() or (self.direct_map.attr[pfn:pfn + n] != PRIVATE).any():
+                raise ValueError(f"refusing to free pfn {pfn:#x} order {order}: pages not private "
+                                 "(shared or of unknown state must be re-encrypted or leaked)")
+        self.allocator.free(pfn, order)
+
+    def free_page_list(self, pfns: npt.NDArray[np.int64]) -> None:
+        for pfn in pfns.tolist():
+            self.free_pages(pfn, 0)
+
+    # ---- contents (zeroing and writes) --------------------------------------------
+
+    def zero(self, runs: Runs) -> None:
+        """Clear pages (vzalloc / __GFP_ZERO): nobody sees a previous owner's data."""
+        n = 0
+        for start, npages in runs:
+            self.content[start:start + npages] = 0
+            n += npages
+        self.stats.pages_zeroed += n
+        self.stats.modeled_zeroing_seconds += n * self.costs.zero_page_seconds
+
+    def write(self, pfns: npt.NDArray[np.int64] | Runs, tag: int) -> None:
+        """Mark pages as written by `tag` (a buffer id, the host): the model of contents."""
+        if isinstance(pfns, np.ndarray):
+            self.content[pfns] = tag
+        else:
+            for start, npages in pfns:
+                self.content[start:start + npages] = tag
+
+    # ---- conversions ------------------------------------------------------------
+
+    def _flush(self, npages: int, caches: bool) -> None:
+        self.stats.tlb_flushes += 1
+        self.stats.modeled_conversion_seconds += self.costs.tlb_flush_seconds
+        if caches and self.platform.cache_flush_required:
+            self.stats.cache_flushed_pages += npages
+            self.stats.modeled_conversion_seconds += npages * self.costs.cache_flush_page_seconds
+
+    def _charge_splits(self, splits: SplitCounts) -> None:
+        n = splits.level2 + splits.level3
+        s = self.stats
+        s.direct_map_level2_splits += splits.level2
+        s.direct_map_level3_splits += splits.level3
+        s.page_table_pages += n
+        s.tlb_flushes += n
+        s.modeled_conversion_seconds += n * (self.costs.split_seconds + self.costs.tlb_flush_seconds)
+
+    def _convert(self, runs: Runs, to_shared: bool,
+                 change_tables: Callable[[], SplitCounts]) -> ConversionResult:
+        npages = sum(n for _, n in runs)
+        if not self.platform.encrypts:
+            return ConversionResult(True, npages, 0, 0.0)
+        before = self.stats.modeled_conversion_seconds
+        calls_before = self.stats.hypercalls
+        if to_shared:
+            self.stats.conversions_to_shared += 1
+        else:
+            self.stats.conversions_to_private += 1
+        self._flush(npages, caches=True)
+        result = None
+        if not to_shared:
+            result = self.platform.convert(runs, to_shared=False)
+            if not result.ok:  # vmm_fail: page tables untouched, pages unknown
+                return self._result(result, before, calls_before)
+        self._charge_splits(change_tables())
+        self._flush(npages, caches=False)
+        if to_shared:
+            result = self.platform.convert(runs, to_shared=True)
+        assert result is not None
+        return self._result(result, before, calls_before)
+
+    def _result(self, result: ConversionResult, seconds_before: float,
+                calls_before: int) -> ConversionResult:
+        return attrs.evolve(result, hypercalls=self.stats.hypercalls - calls_before,
+                            modeled_seconds=self.stats.modeled_conversion_seconds - seconds_before)
+
+    def set_memory_decrypted(self, pfn: int, npages: int) -> ConversionResult:
+        """set_memory_decrypted() on a direct-map range: one MapGPA for the contiguous range."""
+        return self._convert([(pfn, npages)], True,
+                             lambda: self.direct_map.set_range(pfn, npages, SHARED))
+
+    def set_memory_encrypted(self, pfn: int, npages: int) -> ConversionResult:
+        return self._convert([(pfn, npages)], False,
+                             lambda: self.direct_map.set_range(pfn, npages, PRIVATE))
+
+    def vmap(self, pfns: npt.NDArray[np.int64], shared: bool) -> VmArea:
+        """Map pages into the vmalloc space (vmap with pgprot_decrypted when shared)."""
+        return self.vmalloc.map(pfns, SHARED if shared else PRIVATE)
+
+    def vunmap(self, area: VmArea) -> None:
+        self.vmalloc.unmap(area)
+
+    def _set_vmalloc(self, area: VmArea, attr: int, alias: bool) -> tuple[VmArea, ConversionResult]:
+        holder: list[VmArea] = []
+
+        def tables() -> SplitCounts:
+            holder.append(self.vmalloc.set_attr(area, attr))
+            return self.direct_map.set_pages(area.pfns, attr) if alias else SplitCounts()
+
+        # vmalloc addresses are converted page by page (tdx_enc_status_changed)
+        runs = [(p, 1) for p in area.pfns.tolist()]
+        if self.platform.name == "snp":
+            runs = list(runs_of(area.pfns))  # batched into PSC requests anyway
+        result = self._convert(runs, attr == SHARED, tables)
+        return (holder[0] if holder else self.vmalloc.areas.get(area.id, area)), result
+
+    def set_vmalloc_decrypted(self, area: VmArea, alias: bool = True) -> tuple[VmArea, ConversionResult]:
+        """set_memory_decrypted() on a vmalloc address. alias=True also converts each page's
+        direct-map alias (the kernel's default); alias=False leaves them private (the
+        original 2022 patch: the private aliases then point at shared pages)."""
+        return self._set_vmalloc(area, SHARED, alias)
+
+    def set_vmalloc_encrypted(self, area: VmArea, alias: bool = True) -> tuple[VmArea, ConversionResult]:
+        return self._set_vmalloc(area, PRIVATE, alias)
+
+    # ---- reading ----------------------------------------------------------------
+
+    def hazards(self) -> hazards.HazardReport:
+        return hazards.check(self)
+
+    def zone_reports(self) -> tuple[ZoneReport, ...]:
+        out = []
+        for zone in self.zones:
+            nr = self.allocator.nr_free(zone.name)
+            out.append(ZoneReport(zone.name, tuple(nr),
+                                  tuple(fragmentation_index(nr, k) for k in range(NR_ORDERS)),
+                                  tuple(unusable_free_index(nr, k) for k in range(NR_ORDERS))))
+        return tuple(out)
+
+    def report(self, with_hazards: bool = True) -> GuestReport:
+        return GuestReport(self.zone_reports(), self.allocator.free_pages(),
+                           self.direct_map.bytes_by_size(), self.stats.snapshot(),
+                           self.hazards() if with_hazards else hazards.HazardReport())
+
+    def check_invariants(self) -> None:
+        """Raise AssertionError if the machine is inconsistent: the allocator's and the direct
+        map's own invariants; every free page private, privately mapped, unmapped from the
+        vmalloc space and of known state; counters agree with the structures."""
+        self.allocator.check_invariants()
+        self.direct_map.check_invariants()
+        free = np.zeros(self.end_pfn, dtype=np.bool_)
+        for zone in self.zones:
+            for order in range(NR_ORDERS):
+                for pfn in self.allocator.free_blocks(zone.name, order):
+                    free[pfn:pfn + (1 << order)] = True
+        assert int(free.sum()) == self.allocator.free_pages(), "free-list count != free pages"
+        assert not (free & ~self.direct_map.ram[:self.end_pfn]).any(), "free page outside RAM"
+        if self.platform.encrypts:
+            assert (self.platform.state[free] == PAGE_PRIVATE).all(), "a free page is not private"
+            assert (self.direct_map.attr[:self.end_pfn][free] == PRIVATE).all(), \
+                "a free page is mapped shared in the direct map"
+        for area in self.vmalloc:
+            assert not free[area.pfns].any(), f"vmalloc area {area.id} maps a free page"
+        s = self.stats
+        assert s.direct_map_level2_splits == self.direct_map.level2_splits
+        assert s.direct_map_level3_splits == self.direct_map.level3_splits
+        assert s.page_table_pages == s.direct_map_level2_splits + s.direct_map_level3_splits
+
+    def clone(self) -> Guest:
+        """An independent copy (compare runs every strategy on copies of one aged guest)."""
+        other = object.__new__(Guest)
+        other.config = self.config
+        other.end_pfn = self.end_pfn
+        other.stats = attrs.evolve(self.stats)
+        other.costs = self.costs
+        other.host = copy.deepcopy(self.host)
+        other.platform = self.platform.clone(other.stats, other.host)
+        other.direct_map = self.direct_map.clone()
+        other.vmalloc = self.vmalloc.clone()
+        other.content = self.content.copy()
+        other.zones = self.zones
+        other.allocator = self.allocator.clone()
+        other.churn = self.churn.clone(other.allocator)
+        return other

@@ -1,0 +1,127 @@
+"""Conversion hypercalls: the MapGPA retry protocol, accept pieces, fault injection."""
+
+from __future__ import annotations
+
+from collections import deque
+
+from pool.guest.costs import CostProfile
+from pool.guest.platform import (
+    ERROR,
+    PAGE_PRIVATE,
+    PAGE_SHARED,
+    PAGE_UNKNOWN,
+    FaultPlan,
+    HostAnswer,
+    Platform,
+    ScriptedHost,
+    SimulatedHost,
+    accept_pieces,
+)
+from pool.guest.stats import GuestStats
+from pool.guest.units import PAGES_PER_1G, PAGES_PER_2M
+
+
+def _tdx(answers=()):
+    host = ScriptedHost(deque(answers))
+    stats = GuestStats()
+    return Platform("tdx", 4 * PAGES_PER_1G, stats, CostProfile.load("tdx"), host), host, stats
+
+
+def test_mapgpa_ok_first_time_is_one_hypercall():
+    p, host, stats = _tdx()
+    r = p.convert([(1000, 16)], to_shared=True)
+    assert r.ok and r.hypercalls == 1 and stats.hypercalls == 1
+    assert host.calls == [(1000, 16, True)]
+    assert (p.state[1000:1016] == PAGE_SHARED).all()
+
+
+def test_mapgpa_retry_with_progress_resets_the_count():
+    # Four retries, each with progress: never three without progress, so it succeeds.
+    answers = [HostAnswer("retry", 1001), HostAnswer("retry", 1002), HostAnswer("retry", 1003),
+               HostAnswer("retry", 1004)]
+    p, host, _ = _tdx(answers)
+    r = p.convert([(1000, 16)], to_shared=True)
+    assert r.ok and r.hypercalls == 5
+    assert [c[0] for c in host.calls] == [1000, 1001, 1002, 1003, 1004]
+    assert [c[1] for c in host.calls] == [16, 15, 14, 13, 12]
+
+
+def test_mapgpa_three_retries_without_progress_fail():
+    stall = HostAnswer("retry", 1000)
+    p, host, stats = _tdx([stall, stall, stall])
+    r = p.convert([(1000, 16)], to_shared=True)
+    assert not r.ok and r.hypercalls == 3 and stats.conversion_failures == 1
+    assert (p.state[1000:1016] == PAGE_UNKNOWN).all()
+
+
+def test_mapgpa_progress_resets_then_three_stalls_fail():
+    stall = HostAnswer("retry", 1000)
+    at = HostAnswer("retry", 1008)
+    p, _, _ = _tdx([stall, stall, at, at, at, at])
+    # two stalls; progress to 1008 at the third answer resets the count; three stalls fail
+    r = p.convert([(1000, 16)], to_shared=True)
+    assert not r.ok and r.hypercalls == 6
+
+
+def test_mapgpa_retry_outside_the_range_fails_at_once():
+    p, _, _ = _tdx([HostAnswer("retry", 5000)])
+    r = p.convert([(1000, 16)], to_shared=True)
+    assert not r.ok and r.hypercalls == 1
+
+
+def test_failure_leaves_earlier_runs_converted_and_later_runs_untouched():
+    p, _, _ = _tdx([HostAnswer("ok"), ERROR])
+    r = p.convert([(0, 4), (100, 4), (200, 4)], to_shared=True)
+    assert not r.ok and r.unknown_pages == 4
+    assert (p.state[0:4] == PAGE_SHARED).all()
+    assert (p.state[100:104] == PAGE_UNKNOWN).all()
+    assert (p.state[200:204] == PAGE_PRIVATE).all()
+
+
+def test_accept_pieces_are_greedy_by_alignment_and_length():
+    G, M = PAGES_PER_1G, PAGES_PER_2M
+    assert accept_pieces(0, G) == (1, 0, 0)
+    assert accept_pieces(0, G + M + 3) == (1, 1, 3)
+    assert accept_pieces(M - 2, M + 4) == (0, 1, 4)  # 2 pages, one 2M piece, 2 pages
+    assert accept_pieces(5, 3) == (0, 0, 3)
+    assert accept_pieces(M, 2 * M - 1) == (0, 1, M - 1)
+
+
+def test_shared_to_private_accepts_every_page():
+    p, _, stats = _tdx()
+    p.convert([(0, 2 * PAGES_PER_2M + 1)], to_shared=True)
+    p.convert([(0, 2 * PAGES_PER_2M + 1)], to_shared=False)
+    assert stats.pages_accepted == 2 * PAGES_PER_2M + 1
+    assert (stats.accept_calls_2m, stats.accept_calls_4k) == (2, 1)
+
+
+def test_snp_batches_253_entries_per_request():
+    stats = GuestStats()
+    p = Platform("snp", PAGES_PER_1G, stats, CostProfile.load("snp"), SimulatedHost())
+    runs = [(i * 2, 1) for i in range(4096)]  # scattered pages: 4096 entries
+    r = p.convert(runs, to_shared=True)
+    assert r.ok and r.hypercalls == -(-4096 // 253) == 17
+
+
+def test_fault_plan_fail_call_k_and_rate_are_reproducible():
+    host = SimulatedHost(FaultPlan(fail_calls=frozenset({3})))
+    answers = [host.map_gpa(0, 1, True).status for _ in range(4)]
+    assert answers == ["ok", "ok", "error", "ok"]
+    a = SimulatedHost(FaultPlan(failure_rate=0.3, seed=9))
+    b = SimulatedHost(FaultPlan(failure_rate=0.3, seed=9))
+    sa = [a.map_gpa(0, 8, True).status for _ in range(200)]
+    assert sa == [b.map_gpa(0, 8, True).status for _ in range(200)]
+    assert 30 < sa.count("error") < 90
+
+
+def test_fault_direction_limits_failures_to_reencryption():
+    host = SimulatedHost(FaultPlan(failure_rate=1.0, direction="to_private"))
+    assert host.map_gpa(0, 1, True).status == "ok"
+    assert host.map_gpa(0, 1, False).status == "error"
+
+
+def test_none_platform_makes_no_calls():
+    stats = GuestStats()
+    p = Platform("none", 1024, stats, CostProfile.load("none"), SimulatedHost())
+    r = p.convert([(0, 16)], to_shared=True)
+    assert r.ok and stats.hypercalls == 0 and not p.encrypts
