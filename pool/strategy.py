@@ -1,0 +1,183 @@
+"""The one small protocol every shared-buffer strategy implements, and its values.
+
+A driver (the simulator, or a daemon client) asks a strategy for a shared buffer;
+the strategy takes pages from the guest and converts them. A `Buffer` is an
+immutable value: id, size, owner, the PFN ranges behind it, its virtual mapping.
+
+Life cycle of a strategy object, as `compare` drives it:
+  boot()   on the pristine guest, before aging: boot-time reservations (swiotlb's
+           bounce buffer, the pool's optional 1 GiB boot region);
+  setup()  on the aged guest, before the first cycle: initial pool fill;
+  allocate()/free() during the run; maintain(now) between events for background
+           growth and shrink (what a work item or an asyncio task would do).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, ClassVar, Protocol
+
+import attrs
+import numpy as np
+import numpy.typing as npt
+
+from pool.guest import Guest
+from pool.guest.units import PAGE_SIZE
+
+GPADL_FIRST_PFNS = 26  # PFNs in the first GPADL message (drivers/hv/channel.c)
+GPADL_MORE_PFNS = 28  # PFNs in each following message
+
+
+def gpadl_messages(npages: int) -> int:
+    """Messages to hand `npages` PFNs to the host: 1 + ceil((n - 26) / 28); 16 MiB takes 147."""
+    if npages <= GPADL_FIRST_PFNS:
+        return 1
+    return 1 + -(-(npages - GPADL_FIRST_PFNS) // GPADL_MORE_PFNS)
+
+
+@attrs.frozen
+class PfnRange:
+    start: int
+    npages: int
+
+
+@attrs.frozen
+class Buffer:
+    """A shared buffer handed to a driver. `ranges` are in virtual order; `va` is the start of
+    its contiguous mapping in the vmalloc space; `size` is the requested size in bytes."""
+
+    id: int
+    size: int
+    owner: str
+    purpose: str
+    ranges: tuple[PfnRange, ...]
+    va: int
+
+    @property
+    def npages(self) -> int:
+        return sum(r.npages for r in self.ranges)
+
+    @property
+    def gpadl_messages(self) -> int:
+        return gpadl_messages(self.npages)
+
+    def pfns(self) -> npt.NDArray[np.int64]:
+        if len(self.ranges) == 1:
+            r = self.ranges[0]
+            return np.arange(r.start, r.start + r.npages, dtype=np.int64)
+        return np.concatenate([np.arange(r.start, r.start + r.npages, dtype=np.int64)
+                               for r in self.ranges])
+
+    def runs(self) -> list[tuple[int, int]]:
+        return [(r.start, r.npages) for r in self.ranges]
+
+    def as_json(self) -> dict[str, Any]:
+        return {"id": self.id, "size": self.size, "owner": self.owner, "purpose": self.purpose,
+                "npages": self.npages, "va": self.va, "gpadl_messages": self.gpadl_messages,
+                "pfn_ranges": [[r.start, r.npages] for r in self.ranges]}
+
+
+class StrategyError(Exception):
+    """Base of the errors a strategy raises on a request it refuses; state is unchanged."""
+
+    reason: ClassVar[str] = "error"
+
+
+class AllocationError(StrategyError):
+    """A request that cannot be served. `reason` is a stable, machine-readable word:
+    invalid_size, too_large (beyond what the strategy can ever serve in one piece),
+    exhausted (pool at its maximum size), no_memory (the page allocator is out),
+    conversion_failed (the pages were leaked)."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason  # type: ignore[misc]
+
+
+class UnknownBuffer(StrategyError):
+    reason = "unknown_buffer"
+
+
+class NotOwner(StrategyError):
+    reason = "not_owner"
+
+
+class DoubleFree(StrategyError):
+    reason = "double_free"
+
+
+@attrs.frozen
+class FreeResult:
+    buffer: Buffer
+    leaked: bool = False  # re-encryption failed: the pages were leaked, never reused
+
+
+@attrs.frozen
+class StrategyStats:
+    """A reading of a strategy. Bytes are shared (decrypted) memory the strategy holds.
+
+    size_bytes: shared memory held (used + free + leaked is not included: see leaked_bytes).
+    chunks: count by state: free, partial, full, leaked (strategies without chunks: {}).
+    internal_fragmentation_bytes: bytes held by live buffers beyond what was requested.
+    """
+
+    name: str
+    size_bytes: int = 0
+    used_bytes: int = 0
+    free_bytes: int = 0
+    largest_free_bytes: int = 0
+    buffers: int = 0
+    chunks: Mapping[str, int] = attrs.field(factory=dict)
+    leaked_bytes: int = 0
+    internal_fragmentation_bytes: int = 0
+    grows: int = 0
+    shrinks: int = 0
+    allocations: int = 0
+    failures: int = 0
+    failure_reasons: Mapping[str, int] = attrs.field(factory=dict)
+    frees: int = 0
+
+    def as_json(self) -> dict[str, Any]:
+        out = attrs.asdict(self)
+        out["chunks"] = dict(self.chunks)
+        out["failure_reasons"] = dict(self.failure_reasons)
+        return out
+
+
+class Strategy(Protocol):
+    """What every strategy offers. Errors: AllocationError from allocate; UnknownBuffer,
+    NotOwner and DoubleFree from free (three distinct errors, none changes any state)."""
+
+    name: str
+    guest: Guest
+
+    def boot(self) -> None: ...
+
+    def setup(self) -> None: ...
+
+    def allocate(self, size: int, owner: str, purpose: str = "") -> Buffer: ...
+
+    def free(self, buffer_id: int, owner: str) -> FreeResult: ...
+
+    def get(self, buffer_id: int) -> Buffer: ...
+
+    def buffers(self, owner: str | None = None) -> list[Buffer]: ...
+
+    def maintain(self, now: float) -> None: ...
+
+    def stats(self) -> StrategyStats: ...
+
+    def check_invariants(self) -> None: ...
+
+
+def check_size(size: object, limit: int = 1 << 40) -> int:
+    """Validate a requested size: a positive integer (bool refused), at most `limit`."""
+    if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
+        raise AllocationError("invalid_size", f"size must be a positive integer of bytes: {size!r}")
+    if size > limit:
+        raise AllocationError("too_large", f"size {size} exceeds the limit of {limit} bytes")
+    return size
+
+
+def round_pages(size: int) -> int:
+    return -(-size // PAGE_SIZE)
