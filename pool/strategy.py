@@ -9,7 +9,10 @@ Life cycle of a strategy object, as `compare` drives it:
            bounce buffer, the pool's optional 1 GiB boot region);
   setup()  on the aged guest, before the first cycle: initial pool fill;
   allocate()/free() during the run; maintain(now) between events for background
-           growth and shrink (what a work item or an asyncio task would do).
+           growth and shrink (what a work item or an asyncio task would do); it returns
+           True when it changed state. Everything is deterministic given the guest's
+           seed and the sequence of calls (with their `now`), so a journal of calls
+           replayed on a fresh guest rebuilds identical state, PFN for PFN.
 """
 
 from __future__ import annotations
@@ -163,7 +166,7 @@ class Strategy(Protocol):
 
     def buffers(self, owner: str | None = None) -> list[Buffer]: ...
 
-    def maintain(self, now: float) -> None: ...
+    def maintain(self, now: float) -> bool: ...
 
     def stats(self) -> StrategyStats: ...
 
