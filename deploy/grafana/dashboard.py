@@ -1,0 +1,483 @@
+"""Generate the sharedpool Grafana dashboard with grafana-foundation-sdk.
+
+    .venv/bin/python deploy/grafana/dashboard.py            # writes dashboards/sharedpool.json
+    .venv/bin/python deploy/grafana/dashboard.py --stdout   # prints it instead
+
+The JSON is committed; tests/deploy/test_dashboard.py regenerates it and fails
+when the committed file differs, so edit this file, never the JSON. Every
+PromQL expression here uses only metric names of DESIGN.md section 4, which
+tests/deploy/test_promql_names.py checks.
+
+The SDK version is pinned in pyproject.toml (dev extra): its builders target
+Grafana 11.6, the version deploy/compose.yaml runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from grafana_foundation_sdk.builders import common as common_b
+from grafana_foundation_sdk.builders import dashboard as dash_b
+from grafana_foundation_sdk.builders import heatmap as heatmap_b
+from grafana_foundation_sdk.builders import prometheus as prom_b
+from grafana_foundation_sdk.builders import stat as stat_b
+from grafana_foundation_sdk.builders import timeseries as ts_b
+from grafana_foundation_sdk.cog.encoder import JSONEncoder
+from grafana_foundation_sdk.models import common as common_m
+from grafana_foundation_sdk.models import dashboard as dash_m
+from grafana_foundation_sdk.models import heatmap as heatmap_m
+from grafana_foundation_sdk.models import prometheus as prom_m
+
+HERE = Path(__file__).resolve().parent
+OUTPUT = HERE / "dashboards" / "sharedpool.json"
+
+DASHBOARD_UID = "sharedpool"
+# Must match deploy/grafana/provisioning/datasources/prometheus.yml.
+DATASOURCE_UID = "sharedpool-prometheus"
+DATASOURCE = dash_m.DataSourceRef(type_val="prometheus", uid=DATASOURCE_UID)
+
+# Every query selects the daemons chosen in the $instance variable.
+SEL = 'job="sharedpoold", instance=~"$instance"'
+
+
+def query(expr: str, legend: str, ref_id: str) -> prom_b.Dataquery:
+    return (
+        prom_b.Dataquery()
+        .expr(expr)
+        .legend_format(legend)
+        .ref_id(ref_id)
+        .datasource(DATASOURCE)
+        .range()
+    )
+
+
+def legend_table(*calcs: str) -> common_b.VizLegendOptions:
+    return (
+        common_b.VizLegendOptions()
+        .display_mode(common_m.LegendDisplayMode.TABLE)
+        .placement(common_m.LegendPlacement.BOTTOM)
+        .show_legend(True)
+        .calcs(list(calcs) or ["lastNotNull", "max"])
+    )
+
+
+def tooltip() -> common_b.VizTooltipOptions:
+    return (
+        common_b.VizTooltipOptions()
+        .mode(common_m.TooltipDisplayMode.MULTI)
+        .sort(common_m.SortOrder.DESCENDING)
+    )
+
+
+def thresholds(*steps: tuple[float | None, str]) -> dash_b.ThresholdsConfig:
+    return (
+        dash_b.ThresholdsConfig()
+        .mode(dash_m.ThresholdsMode.ABSOLUTE)
+        .steps([dash_m.Threshold(value=v, color=c) for v, c in steps])
+    )
+
+
+class Builder:
+    """Assigns stable panel ids in the order panels are added."""
+
+    def __init__(self) -> None:
+        self.next_id = 1
+        self.dashboard = (
+            dash_b.Dashboard("sharedpool")
+            .uid(DASHBOARD_UID)
+            .description(
+                "sharedpoold: the pre-decrypted shared-buffer pool, the guest's direct map "
+                "and page allocator, conversions and safety (hazards, leaks)."
+            )
+            .tags(["sharedpool", "confidential-computing", "generated"])
+            .editable()
+            .refresh("10s")
+            .time("now-1h", "now")
+            .timezone("browser")
+            .tooltip(dash_m.DashboardCursorSync.CROSSHAIR)
+            .with_variable(
+                dash_b.QueryVariable("instance")
+                .label("Instance")
+                .datasource(DATASOURCE)
+                .query('label_values(sharedpool_build_info{job="sharedpoold"}, instance)')
+                .refresh(dash_m.VariableRefresh.ON_TIME_RANGE_CHANGED)
+                .sort(dash_m.VariableSort.ALPHABETICAL_ASC)
+                .multi(True)
+                .include_all(True)
+                .all_value(".*")
+            )
+        )
+
+    def _id(self) -> int:
+        panel_id = self.next_id
+        self.next_id += 1
+        return panel_id
+
+    def row(self, title: str) -> None:
+        self.dashboard.with_row(dash_b.Row(title).id(self._id()))
+
+    def timeseries(
+        self,
+        title: str,
+        description: str,
+        unit: str,
+        targets: list[tuple[str, str]],
+        *,
+        width: int = 12,
+        height: int = 8,
+        stack: bool = False,
+        bars: bool = False,
+        minimum: float | None = 0,
+        maximum: float | None = None,
+    ) -> None:
+        panel = (
+            ts_b.Panel()
+            .id(self._id())
+            .title(title)
+            .description(description)
+            .datasource(DATASOURCE)
+            .unit(unit)
+            .span(width)
+            .height(height)
+            .legend(legend_table())
+            .tooltip(tooltip())
+            .fill_opacity(20 if stack else 10)
+            .line_width(1)
+            .show_points(common_m.VisibilityMode.NEVER)
+        )
+        if minimum is not None:
+            panel = panel.min(minimum)
+        if maximum is not None:
+            panel = panel.max(maximum)
+        if stack:
+            panel = panel.stacking(common_b.StackingConfig().mode(common_m.StackingMode.NORMAL))
+        if bars:
+            panel = panel.draw_style(common_m.GraphDrawStyle.BARS)
+        for i, (expr, legend) in enumerate(targets):
+            panel = panel.with_target(query(expr, legend, chr(ord("A") + i)))
+        self.dashboard.with_panel(panel)
+
+    def stat(
+        self,
+        title: str,
+        description: str,
+        unit: str,
+        targets: list[tuple[str, str]],
+        steps: list[tuple[float | None, str]],
+        *,
+        width: int = 6,
+        height: int = 4,
+        text_mode: common_m.BigValueTextMode = common_m.BigValueTextMode.AUTO,
+    ) -> None:
+        panel = (
+            stat_b.Panel()
+            .id(self._id())
+            .title(title)
+            .description(description)
+            .datasource(DATASOURCE)
+            .unit(unit)
+            .span(width)
+            .height(height)
+            .thresholds(thresholds(*steps))
+            .color_mode(common_m.BigValueColorMode.BACKGROUND)
+            .graph_mode(common_m.BigValueGraphMode.AREA)
+            .text_mode(text_mode)
+            .reduce_options(common_b.ReduceDataOptions().calcs(["lastNotNull"]))
+        )
+        for i, (expr, legend) in enumerate(targets):
+            panel = panel.with_target(query(expr, legend, chr(ord("A") + i)))
+        self.dashboard.with_panel(panel)
+
+    def heatmap(self, title: str, description: str, expr: str, *, width: int = 12) -> None:
+        panel = (
+            heatmap_b.Panel()
+            .id(self._id())
+            .title(title)
+            .description(description)
+            .datasource(DATASOURCE)
+            .span(width)
+            .height(8)
+            .calculate(False)
+            .y_axis(heatmap_b.YAxisConfig().unit("s"))
+            .color(
+                heatmap_b.HeatmapColorOptions()
+                .mode(heatmap_m.HeatmapColorMode.SCHEME)
+                .scheme("Spectral")
+                .scale(heatmap_m.HeatmapColorScale.EXPONENTIAL)
+                .exponent(0.5)
+                .steps(64)
+                .fill("dark-orange")
+                .reverse(False)
+            )
+            .cell_values(heatmap_b.CellValues().unit("short"))
+            .show_legend()
+            .with_target(
+                query(expr, "{{le}}", "A").format(prom_m.PromQueryFormat.HEATMAP).interval_factor(1)
+            )
+        )
+        self.dashboard.with_panel(panel)
+
+
+def build() -> dash_m.Dashboard:
+    b = Builder()
+
+    b.row("Pool")
+    b.timeseries(
+        "Pool usage",
+        "Size of the pre-decrypted pool, bytes handed out, bytes free, and the largest "
+        "free extent (the biggest buffer that can be served without growing).",
+        "bytes",
+        [
+            (f"sharedpool_pool_size_bytes{{{SEL}}}", "size {{instance}}"),
+            (f"sharedpool_pool_used_bytes{{{SEL}}}", "used {{instance}}"),
+            (f"sharedpool_pool_free_bytes{{{SEL}}}", "free {{instance}}"),
+            (f"sharedpool_pool_largest_free_bytes{{{SEL}}}", "largest free {{instance}}"),
+        ],
+    )
+    b.timeseries(
+        "Pool chunks, grows and shrinks",
+        "Chunks of the pool by state, and how often the pool grew or shrank.",
+        "short",
+        [
+            (f"sum by (state) (sharedpool_pool_chunks{{{SEL}}})", "chunks {{state}}"),
+            (f"sum(increase(sharedpool_pool_grows_total{{{SEL}}}[$__rate_interval]))", "grows"),
+            (
+                f"sum(increase(sharedpool_pool_shrinks_total{{{SEL}}}[$__rate_interval]))",
+                "shrinks",
+            ),
+        ],
+    )
+    b.stat(
+        "Pool used",
+        "Used bytes over pool size.",
+        "percentunit",
+        [
+            (
+                f"sum(sharedpool_pool_used_bytes{{{SEL}}})"
+                f" / sum(sharedpool_pool_size_bytes{{{SEL}}})",
+                "used",
+            )
+        ],
+        [(None, "green"), (0.8, "orange"), (0.95, "red")],
+    )
+    b.stat(
+        "Clients",
+        "Clients connected to the daemon.",
+        "short",
+        [(f"sum(sharedpool_clients{{{SEL}}})", "clients")],
+        [(None, "blue")],
+    )
+    b.stat(
+        "Buffers",
+        "Buffers currently allocated.",
+        "short",
+        [(f"sum(sharedpool_buffers{{{SEL}}})", "buffers")],
+        [(None, "blue")],
+    )
+    b.stat(
+        "Version",
+        "sharedpoold build (build_info).",
+        "short",
+        [(f"count by (version) (sharedpool_build_info{{{SEL}}})", "{{version}}")],
+        [(None, "text")],
+        text_mode=common_m.BigValueTextMode.NAME,
+    )
+
+    b.row("Allocations")
+    alloc_bucket = f"sharedpool_alloc_duration_seconds_bucket{{{SEL}}}"
+    b.timeseries(
+        "Allocation latency p50 / p99 by size class",
+        "Quantiles of the time to serve one allocation, per size class.",
+        "s",
+        [
+            (
+                "histogram_quantile(0.5, sum by (size_class, le) "
+                f"(rate({alloc_bucket}[$__rate_interval])))",
+                "p50 {{size_class}}",
+            ),
+            (
+                "histogram_quantile(0.99, sum by (size_class, le) "
+                f"(rate({alloc_bucket}[$__rate_interval])))",
+                "p99 {{size_class}}",
+            ),
+        ],
+    )
+    b.heatmap(
+        "Allocation latency heatmap",
+        "Allocations per latency bucket over time (all size classes).",
+        f"sum by (le) (increase({alloc_bucket}[$__rate_interval]))",
+    )
+    b.timeseries(
+        "Allocations and frees",
+        "Allocation rate by result, and free rate.",
+        "ops",
+        [
+            (
+                f"sum by (result) (rate(sharedpool_allocations_total{{{SEL}}}[$__rate_interval]))",
+                "alloc {{result}}",
+            ),
+            (f"sum(rate(sharedpool_frees_total{{{SEL}}}[$__rate_interval]))", "free"),
+        ],
+    )
+    b.timeseries(
+        "Clients and reclaimed buffers",
+        "Connected clients, and buffers reclaimed from clients that went away.",
+        "short",
+        [
+            (f"sum(sharedpool_clients{{{SEL}}})", "clients"),
+            (
+                f"sum(increase(sharedpool_reclaimed_buffers_total{{{SEL}}}[$__rate_interval]))",
+                "reclaimed buffers",
+            ),
+        ],
+    )
+
+    b.row("Conversions")
+    b.timeseries(
+        "Conversions and hypercalls",
+        "Private/shared conversions by direction and the MapGPA-style hypercalls they cost.",
+        "ops",
+        [
+            (
+                "sum by (direction) "
+                f"(rate(sharedpool_conversions_total{{{SEL}}}[$__rate_interval]))",
+                "conversions {{direction}}",
+            ),
+            (f"sum(rate(sharedpool_hypercalls_total{{{SEL}}}[$__rate_interval]))", "hypercalls"),
+        ],
+    )
+    b.timeseries(
+        "Converted bytes and modeled conversion time",
+        "Bytes converted per second by direction; the modeled time spent converting "
+        "(from the cost profile) is on the same panel as seconds per second.",
+        "Bps",
+        [
+            (
+                "sum by (direction) "
+                f"(rate(sharedpool_converted_bytes_total{{{SEL}}}[$__rate_interval]))",
+                "bytes {{direction}}",
+            ),
+            (
+                f"sum(rate(sharedpool_modeled_conversion_seconds_sum{{{SEL}}}[$__rate_interval]))"
+                f" / sum(rate(sharedpool_modeled_conversion_seconds_count{{{SEL}}}"
+                "[$__rate_interval]))",
+                "mean modeled seconds per conversion",
+            ),
+        ],
+    )
+
+    b.row("Direct map")
+    b.timeseries(
+        "Direct map by leaf size",
+        "Bytes of the guest's direct map mapped with 4 KiB, 2 MiB and 1 GiB leaves "
+        "(/proc/meminfo DirectMap*). Growth of 4k means large leaves were split.",
+        "bytes",
+        [
+            (
+                f"sum by (page_size) (sharedpool_direct_map_bytes{{{SEL}}})",
+                "{{page_size}}",
+            )
+        ],
+        stack=True,
+    )
+    b.timeseries(
+        "Direct map splits",
+        "Splits per interval: level 3 = 1 GiB into 2 MiB, level 2 = 2 MiB into 4 KiB. "
+        "Never undone.",
+        "short",
+        [
+            (
+                "sum by (level) "
+                f"(increase(sharedpool_direct_map_splits_total{{{SEL}}}[$__rate_interval]))",
+                "level {{level}}",
+            )
+        ],
+        bars=True,
+    )
+
+    b.row("Page allocator")
+    b.timeseries(
+        "Fragmentation index by order",
+        "Kernel extfrag fragmentation index per requested order (divided by 1000): "
+        "-1 means a suitable block exists; towards 1 a failure would be due to "
+        "fragmentation, towards 0 due to lack of memory.",
+        "none",
+        [
+            (
+                f"max by (order) (sharedpool_fragmentation_index{{{SEL}}})",
+                "order {{order}}",
+            )
+        ],
+        minimum=-1,
+        maximum=1,
+    )
+    b.timeseries(
+        "Unusable free index by order",
+        "Fraction of free memory unusable for an allocation of this order (kernel "
+        "unusable_index / 1000).",
+        "percentunit",
+        [
+            (
+                f"max by (order) (sharedpool_unusable_free_index{{{SEL}}})",
+                "order {{order}}",
+            )
+        ],
+        maximum=1,
+    )
+    b.timeseries(
+        "Buddy free blocks by order",
+        "Free blocks on each buddy free list (/proc/buddyinfo), summed over zones.",
+        "short",
+        [
+            (
+                f"sum by (order) (sharedpool_buddy_free_blocks{{{SEL}}})",
+                "order {{order}}",
+            )
+        ],
+        width=24,
+    )
+
+    b.row("Safety")
+    b.stat(
+        "Hazard pages",
+        "Pages whose private and shared aliases disagree. Must be 0: a private alias "
+        "to a shared page is fatal in a real guest.",
+        "short",
+        [(f"sum by (kind) (sharedpool_hazard_pages{{{SEL}}})", "{{kind}}")],
+        [(None, "green"), (1, "red")],
+        width=12,
+    )
+    b.stat(
+        "Leaked bytes",
+        "Memory leaked on purpose because re-encryption failed (lost until reboot).",
+        "bytes",
+        [(f"sum(sharedpool_leaked_bytes{{{SEL}}})", "leaked")],
+        [(None, "green"), (1, "orange")],
+        width=12,
+    )
+
+    return b.dashboard.build()
+
+
+def render() -> str:
+    return JSONEncoder(sort_keys=True, indent=2).encode(build()) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--stdout", action="store_true", help="print instead of writing")
+    parser.add_argument("--output", type=Path, default=OUTPUT, help="file to write")
+    args = parser.parse_args(argv)
+    text = render()
+    if args.stdout:
+        sys.stdout.write(text)
+    else:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_text(text, encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
