@@ -1,0 +1,175 @@
+"""Bookkeeping every strategy shares: live buffers by id, ownership, the three free errors,
+the monotonic buffer-id counter, and the allocation / failure / free counters.
+
+A strategy owns one `Ledger`. The allocation path is::
+
+    size = check_size(size)            # may raise; record it: raise ledger.fail(err)
+    ...take memory...                   # on refusal: raise ledger.fail("exhausted", "...")
+    buf = Buffer(id=ledger.next_id(), ...)
+    ledger.add(buf)                     # counts the allocation
+
+and the free path::
+
+    buf = ledger.lookup_for_free(buffer_id, owner)   # UnknownBuffer / NotOwner / DoubleFree;
+                                                     # raises before any state changes
+    ...give the memory back (or leak it)...
+    ledger.remove(buffer_id)                          # counts the free, remembers the id
+
+`lookup_for_free` never changes state, so a refused free leaves the strategy and the guest
+exactly as they were. Ids are never reused, so "freed before" (DoubleFree) is told apart from
+"never existed" (UnknownBuffer) for the life of the ledger.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+
+import numpy as np
+import numpy.typing as npt
+
+from pool.strategy import AllocationError, Buffer, DoubleFree, NotOwner, UnknownBuffer
+
+
+class Ledger:
+    """Live buffers of one strategy, keyed by id, with ownership checks and counters."""
+
+    __slots__ = (
+        "_by_id",
+        "_failure_reasons",
+        "_freed",
+        "_next",
+        "allocations",
+        "failures",
+        "frees",
+        "requested_bytes",
+        "used_pages",
+    )
+
+    def __init__(self, first_id: int = 1) -> None:
+        self._by_id: dict[int, Buffer] = {}
+        self._freed: set[int] = set()
+        self._next = first_id
+        self._failure_reasons: dict[str, int] = {}
+        self.allocations = 0  # successful allocations (calls to add)
+        self.failures = 0  # refused allocations (calls to record_failure / fail)
+        self.frees = 0  # completed frees (calls to remove), leaked or not
+        self.used_pages = 0  # Σ buffer.npages over live buffers
+        self.requested_bytes = 0  # Σ buffer.size over live buffers
+
+    # -- ids -------------------------------------------------------------------------------
+    def next_id(self) -> int:
+        """A fresh buffer id, never handed out before by this ledger. Consumed even if the
+        caller then fails to allocate (ids stay unique; gaps are harmless)."""
+        bid = self._next
+        self._next += 1
+        return bid
+
+    @property
+    def peek_next_id(self) -> int:
+        return self._next
+
+    # -- live buffers ----------------------------------------------------------------------
+    def add(self, buffer: Buffer) -> None:
+        """Register a freshly allocated buffer and count the allocation."""
+        bid = buffer.id
+        if bid in self._by_id or bid in self._freed:
+            raise ValueError(f"buffer id {bid} was already used")
+        if bid >= self._next:  # an id not from next_id(): keep the counter ahead of it
+            self._next = bid + 1
+        self._by_id[bid] = buffer
+        self.allocations += 1
+        self.used_pages += buffer.npages
+        self.requested_bytes += buffer.size
+
+    def lookup_for_free(self, buffer_id: int, owner: str) -> Buffer:
+        """The live buffer `buffer_id` if `owner` may free it. Raises, without changing any
+        state: DoubleFree (freed before), UnknownBuffer (never allocated here), NotOwner."""
+        buf = self._by_id.get(buffer_id)
+        if buf is None:
+            if buffer_id in self._freed:
+                raise DoubleFree(f"buffer {buffer_id} was already freed")
+            raise UnknownBuffer(f"no buffer with id {buffer_id!r}")
+        if buf.owner != owner:
+            raise NotOwner(f"buffer {buffer_id} belongs to {buf.owner!r}, not {owner!r}")
+        return buf
+
+    def remove(self, buffer_id: int) -> Buffer:
+        """Forget a live buffer (after lookup_for_free), remember its id, count the free."""
+        buf = self._by_id.pop(buffer_id)
+        self._freed.add(buffer_id)
+        self.frees += 1
+        self.used_pages -= buf.npages
+        self.requested_bytes -= buf.size
+        return buf
+
+    def get(self, buffer_id: int) -> Buffer:
+        """The live buffer `buffer_id`; UnknownBuffer if it is not live (freed or never)."""
+        buf = self._by_id.get(buffer_id)
+        if buf is None:
+            state = "was freed" if buffer_id in self._freed else "does not exist"
+            raise UnknownBuffer(f"buffer {buffer_id!r} {state}")
+        return buf
+
+    def was_freed(self, buffer_id: int) -> bool:
+        return buffer_id in self._freed
+
+    def buffers(self, owner: str | None = None) -> list[Buffer]:
+        """Live buffers (of `owner`, or all), in id order."""
+        bufs = sorted(self._by_id.values(), key=lambda b: b.id)
+        if owner is None:
+            return bufs
+        return [b for b in bufs if b.owner == owner]
+
+    def owners(self) -> set[str]:
+        return {b.owner for b in self._by_id.values()}
+
+    def __len__(self) -> int:
+        return len(self._by_id)
+
+    def __contains__(self, buffer_id: object) -> bool:
+        return buffer_id in self._by_id
+
+    def __iter__(self) -> Iterator[Buffer]:
+        return iter(self.buffers())
+
+    # -- failures --------------------------------------------------------------------------
+    def record_failure(self, reason: str) -> None:
+        self.failures += 1
+        self._failure_reasons[reason] = self._failure_reasons.get(reason, 0) + 1
+
+    def fail(self, reason: str | AllocationError, message: str = "") -> AllocationError:
+        """Count a refused allocation and return the error to raise: ``raise ledger.fail(...)``.
+        Pass either (reason, message) or an AllocationError already built (e.g. check_size's)."""
+        err = reason if isinstance(reason, AllocationError) else AllocationError(reason, message)
+        self.record_failure(err.reason)
+        return err
+
+    @property
+    def failure_reasons(self) -> Mapping[str, int]:
+        """A copy of the failure counts by reason."""
+        return dict(self._failure_reasons)
+
+    # -- checks ----------------------------------------------------------------------------
+    def all_pfns(self) -> npt.NDArray[np.int64]:
+        """Every PFN of every live buffer (with repetitions if buffers overlap)."""
+        if not self._by_id:
+            return np.empty(0, dtype=np.int64)
+        return np.concatenate([b.pfns() for b in self._by_id.values()])
+
+    def check(self, *, disjoint: bool = True) -> None:
+        """Assert the ledger's own consistency: the running totals equal the sums over live
+        buffers, ids below the counter, freed and live ids disjoint; and, if `disjoint`, that no
+        PFN belongs to two live buffers (strategies serving sub-page buffers pass False)."""
+        bufs = list(self._by_id.values())
+        assert self.used_pages == sum(b.npages for b in bufs), "used_pages drifted"
+        assert self.requested_bytes == sum(b.size for b in bufs), "requested_bytes drifted"
+        assert all(b.id < self._next for b in bufs), "a live id is not below the id counter"
+        assert not (self._freed & self._by_id.keys()), "an id is both live and freed"
+        assert all(bid == b.id for bid, b in self._by_id.items()), "a buffer under a wrong id"
+        assert self.allocations - self.frees == len(bufs), "allocations - frees != live buffers"
+        assert self.failures == sum(self._failure_reasons.values()), "failure counts drifted"
+        if disjoint and bufs:
+            pfns = self.all_pfns()
+            uniq, counts = np.unique(pfns, return_counts=True)
+            dup = uniq[counts > 1]
+            assert dup.size == 0, f"PFNs in two live buffers: {dup[:8].tolist()}"
