@@ -131,7 +131,9 @@ class Builder:
         bars: bool = False,
         minimum: float | None = 0,
         maximum: float | None = None,
+        right_axis: dict[str, str] | None = None,
     ) -> None:
+        """right_axis: refId -> unit of a query drawn against a second, right-hand axis."""
         panel = (
             ts_b.Panel()
             .id(self._id())
@@ -155,6 +157,14 @@ class Builder:
             panel = panel.stacking(common_b.StackingConfig().mode(common_m.StackingMode.NORMAL))
         if bars:
             panel = panel.draw_style(common_m.GraphDrawStyle.BARS)
+        for ref_id, right_unit in (right_axis or {}).items():
+            panel = panel.override_by_query(
+                ref_id,
+                [
+                    dash_m.DynamicConfigValue(id_val="unit", value=right_unit),
+                    dash_m.DynamicConfigValue(id_val="custom.axisPlacement", value="right"),
+                ],
+            )
         for i, (expr, legend) in enumerate(targets):
             panel = panel.with_target(query(expr, legend, chr(ord("A") + i)))
         self.dashboard.with_panel(panel)
@@ -350,8 +360,8 @@ def build() -> dash_m.Dashboard:
     )
     b.timeseries(
         "Converted bytes and modeled conversion time",
-        "Bytes converted per second by direction; the modeled time spent converting "
-        "(from the cost profile) is on the same panel as seconds per second.",
+        "Bytes converted per second by direction (left axis), and the mean modeled "
+        "time of one conversion from the cost profile (right axis).",
         "Bps",
         [
             (
@@ -366,6 +376,7 @@ def build() -> dash_m.Dashboard:
                 "mean modeled seconds per conversion",
             ),
         ],
+        right_axis={"B": "s"},
     )
 
     b.row("Direct map")

@@ -119,3 +119,15 @@ def test_dashboard_provider_points_at_the_mounted_folder() -> None:
     )["providers"][0]
     assert provider["type"] == "file"
     assert provider["options"]["path"] == "/var/lib/grafana/dashboards/sharedpool"
+
+
+def test_json_round_trips_through_the_sdk_models() -> None:
+    """The committed JSON decodes into the SDK's Grafana 11.6 models and back unchanged."""
+    from grafana_foundation_sdk.cog.encoder import JSONEncoder
+    from grafana_foundation_sdk.cog.plugins import register_default_plugins
+    from grafana_foundation_sdk.models.dashboard import Dashboard
+
+    register_default_plugins()
+    raw = DASHBOARD_JSON.read_text(encoding="utf-8")
+    decoded = Dashboard.from_json(json.loads(raw))
+    assert JSONEncoder(sort_keys=True, indent=2).encode(decoded) + "\n" == raw
