@@ -1,0 +1,171 @@
+"""The aiohttp application: create_app(config), its middleware and background tasks."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from importlib import resources
+
+from aiohttp import web
+from prometheus_client.aiohttp import make_aiohttp_handler
+
+from daemon import keys, systemd
+from daemon.api import problem_for, routes
+from daemon.config import Config
+from daemon.engine import Service, StateMismatch
+from daemon.metrics import Metrics
+from daemon.problems import Problem
+from pool import __version__
+
+log = logging.getLogger("sharedpoold")
+
+EXIT_FATAL = 1
+EXIT_CONFIG = 2
+EXIT_RESTORE = 3
+
+
+@web.middleware
+async def problem_middleware(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """Every error answers as application/problem+json; no traceback reaches a client."""
+    try:
+        return await handler(request)
+    except Exception as exc:
+        problem = problem_for(exc)
+        if problem is None:
+            if isinstance(exc, web.HTTPException):
+                if exc.status < 400:
+                    raise
+                problem = (
+                    Problem("internal")
+                    if exc.status >= 500
+                    else Problem("not-found" if exc.status == 404 else "malformed-json")
+                )
+            else:
+                log.exception(
+                    "unhandled error", extra={"method": request.method, "path": request.path}
+                )
+                problem = Problem("internal")
+        return problem.response(request.path)
+
+
+def _openapi_bytes() -> bytes:
+    return resources.files("daemon").joinpath("openapi.json").read_bytes()
+
+
+async def _service_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Open the service in a worker thread (guest build and aging, or restore, take seconds)
+    so that /healthz answers meanwhile; close it (journal flushed, snapshot) at exit."""
+    service = app[keys.SERVICE]
+    notify = app[keys.NOTIFY]
+
+    async def open_service() -> None:
+        try:
+            await asyncio.to_thread(service.open)
+        except StateMismatch as exc:
+            service.state, service.error = "failed", str(exc)
+            log.error("cannot start: %s", exc)
+            app[keys.STOP](EXIT_CONFIG)
+        except Exception as exc:
+            service.state, service.error = "failed", repr(exc)
+            log.error("cannot restore the state: %s", exc, exc_info=exc)
+            app[keys.STOP](EXIT_RESTORE)
+        else:
+            log.info("ready", extra=service.restore_info)
+            notify("READY=1\nSTATUS=pool ready")
+
+    task = asyncio.create_task(open_service(), name="open")
+    yield
+    with contextlib.suppress(BaseException):
+        await asyncio.shield(task)  # the thread cannot be interrupted: let it finish
+    await service.close()
+
+
+async def _loop(
+    name: str, interval: Callable[[], float], body: Callable[[], Awaitable[object]]
+) -> None:
+    while True:
+        await asyncio.sleep(interval())
+        try:
+            await body()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("background task %s failed", name)
+
+
+async def _background_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Pool maintenance (growth and shrink), lease expiry, periodic snapshots, watchdog."""
+    service = app[keys.SERVICE]
+    config = app[keys.CONFIG]
+
+    async def maybe_snapshot() -> None:
+        if (
+            service.ready
+            and service.records_since_snapshot >= config["daemon.snapshot_min_records"]
+        ):
+            seq = await service.snapshot()
+            log.info("snapshot written", extra={"seq": seq})
+
+    tasks = [
+        asyncio.create_task(
+            _loop("maintain", lambda: config["daemon.maintain_interval"], service.maintain),
+            name="maintain",
+        ),
+        asyncio.create_task(
+            _loop(
+                "leases", lambda: min(config["daemon.lease_ttl"] / 4, 1.0), service.expire_leases
+            ),
+            name="leases",
+        ),
+        asyncio.create_task(
+            _loop("snapshot", lambda: config["daemon.snapshot_interval"], maybe_snapshot),
+            name="snapshot",
+        ),
+    ]
+    watchdog = systemd.watchdog_seconds()
+    if watchdog:
+        notify = app[keys.NOTIFY]
+
+        async def ping() -> None:
+            if service.state != "failed":
+                notify("WATCHDOG=1")
+
+        tasks.append(
+            asyncio.create_task(_loop("watchdog", lambda: watchdog / 2, ping), name="watchdog")
+        )
+    yield
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def create_app(
+    config: Config,
+    *,
+    service: Service | None = None,
+    reset_state: bool = False,
+    stop: Callable[[int], None] | None = None,
+    notify: Callable[[str], bool] | None = None,
+) -> web.Application:
+    """The daemon's application. `stop(status)` is called when the daemon must exit (a fatal
+    error or a failed restore); `notify` sends sd_notify states."""
+    app = web.Application(
+        client_max_size=config["daemon.body_limit"], middlewares=[problem_middleware]
+    )
+    service = service or Service(config, reset_state=reset_state)
+    app[keys.CONFIG] = config
+    app[keys.SERVICE] = service
+    app[keys.METRICS] = Metrics(service, __version__)
+    app[keys.OPENAPI] = _openapi_bytes()
+    app[keys.STOP] = stop or (lambda status: None)
+    app[keys.NOTIFY] = notify or (lambda state: False)
+    service.on_fatal = lambda exc: app[keys.STOP](EXIT_FATAL)
+    app.cleanup_ctx.append(_service_ctx)
+    app.cleanup_ctx.append(_background_ctx)
+    app.add_routes(routes)
+    app.router.add_get("/metrics", make_aiohttp_handler(app[keys.METRICS].registry))
+    return app

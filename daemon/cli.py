@@ -1,0 +1,283 @@
+"""sharedpoold: the command line and the server's life cycle.
+
+Start: validate the configuration (exit 2 naming the bad key), check that the state
+directory was made with the same guest/pool settings (exit 2 otherwise), bind the
+listeners (systemd's, else --listen, else the default Unix socket), serve /healthz at once
+and the API once the pool is built or restored (READY=1 then).
+Stop (SIGTERM, SIGINT): STOPPING=1, stop accepting, let requests in flight finish (up to
+daemon.shutdown_timeout), flush the journal, write a snapshot, exit 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import stat
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from daemon import logs, systemd
+from daemon.app import EXIT_CONFIG, create_app
+from daemon.config import (
+    FIELDS,
+    Config,
+    ConfigError,
+    default_unix_socket,
+    example_toml,
+    load_config,
+    parse_listen,
+)
+from daemon.engine import StateMismatch
+from daemon.journal import Journal
+
+log = logging.getLogger("sharedpoold")
+
+EPILOG = """\
+configuration: embedded defaults, then --config FILE (TOML with [guest], [pool], [faults]
+and [daemon] tables; see --print-default-config), then flags. The admin token may also
+come from $SHAREDPOOLD_ADMIN_TOKEN or daemon.admin_token_file.
+
+The guest/pool/fault settings are stored in the state directory: starting on existing
+state with other ones is refused unless --reset-state discards that state.
+
+exit status: 0 after a clean stop (SIGTERM/SIGINT), 1 on a fatal error, 2 on a
+configuration error, 3 when the state cannot be restored.
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sharedpoold",
+        description="The sharedpool daemon: one pre-decrypted shared-buffer pool over a "
+        "simulated confidential guest, served over a Unix socket (and optionally "
+        "TCP) as a JSON API with Prometheus metrics.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--config", metavar="FILE", help="TOML configuration file")
+    parser.add_argument(
+        "--reset-state",
+        action="store_true",
+        help="discard the state directory's journal and snapshot first",
+    )
+    parser.add_argument(
+        "--print-default-config",
+        action="store_true",
+        help="print the embedded defaults as TOML and exit",
+    )
+    parser.add_argument(
+        "--check-config", action="store_true", help="validate the configuration, print it and exit"
+    )
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for f in FIELDS:
+        if f.flag is None:
+            continue
+        group = groups.setdefault(f.section, parser.add_argument_group(f"[{f.section}]"))
+        dest = f.key.replace(".", "__")
+        default_text = "" if f.secret else f" (default: {_show(f.default)})"
+        if f.metavar is None:  # a boolean switch
+            group.add_argument(
+                f"--{f.flag}",
+                dest=dest,
+                action="store_const",
+                const=True,
+                default=None,
+                help=f"{f.help} [{f.key}]",
+            )
+        elif f.key == "daemon.listen":
+            group.add_argument(
+                f"--{f.flag}",
+                dest=dest,
+                action="append",
+                metavar=f.metavar,
+                default=None,
+                help=f"{f.help} [{f.key}]",
+            )
+        else:
+            group.add_argument(
+                f"--{f.flag}",
+                dest=dest,
+                metavar=f.metavar,
+                default=None,
+                help=f"{f.help}{default_text} [{f.key}]",
+            )
+    return parser
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, tuple):
+        return ",".join(map(str, value)) or "none"
+    return str(value) if value != "" else "none"
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    overrides = {
+        f.key: getattr(args, f.key.replace(".", "__"))
+        for f in FIELDS
+        if f.flag is not None and getattr(args, f.key.replace(".", "__")) is not None
+    }
+    return load_config(args.config, overrides)
+
+
+def check_state(config: Config) -> None:
+    """Refuse other guest/pool settings on existing state, before binding anything."""
+    db = config.state_dir / "sharedpoold.db"
+    if not db.exists():
+        return
+    journal = Journal(db, config["daemon.synchronous"])
+    try:
+        stored = journal.get_meta("state_config")
+    finally:
+        journal.close()
+    if stored is not None and stored != config.state_config():
+        from daemon.engine import _differences
+
+        diffs = "; ".join(_differences(stored, config.state_config()))
+        raise StateMismatch(
+            f"the state in {config.state_dir} was made with other guest/pool/"
+            f"fault settings ({diffs}); use the same settings, another "
+            "--state-dir, or --reset-state to discard it"
+        )
+
+
+def _unix_listener(path: str, mode: int) -> socket.socket:
+    """Bind a Unix socket at `path` with `mode`, replacing a stale socket file (one nobody
+    listens on) but never a live one or another kind of file."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True, mode=0o750)
+    if p.exists() or p.is_symlink():
+        if not stat.S_ISSOCK(p.lstat().st_mode):
+            raise OSError(f"{path} exists and is not a socket")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(path)
+        except OSError:
+            p.unlink()  # stale
+        else:
+            raise OSError(f"{path}: another daemon is listening there")
+        finally:
+            probe.close()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o777 & ~mode)  # no window with looser permissions
+    try:
+        sock.bind(path)
+    finally:
+        os.umask(old)
+    os.chmod(path, mode)
+    return sock
+
+
+async def serve(config: Config, *, reset_state: bool = False) -> int:
+    loop = asyncio.get_running_loop()
+    stopping = asyncio.Event()
+    status = {"code": 0}
+
+    def stop(code: int) -> None:
+        if not stopping.is_set():
+            status["code"] = code
+            stopping.set()
+
+    app = create_app(config, reset_state=reset_state, stop=stop, notify=systemd.notify)
+    runner = web.AppRunner(
+        app,
+        handle_signals=False,
+        access_log=None if not config["daemon.access_log"] else logging.getLogger("aiohttp.access"),
+        shutdown_timeout=config["daemon.shutdown_timeout"],
+    )
+    sockets = systemd.listen_fds()
+    created: list[str] = []
+    try:
+        if not sockets:
+            for addr in config.listen or (f"unix:{default_unix_socket()}",):
+                kind, host, port = parse_listen(addr)
+                if kind == "unix":
+                    sockets.append(_unix_listener(host, config["daemon.socket_mode"]))
+                    created.append(host)
+                else:
+                    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+                    sockets.append(socket.create_server((host, port), family=family, backlog=256))
+    except OSError as exc:
+        log.error("cannot listen: %s", exc)
+        for sock in sockets:
+            sock.close()
+        for path in created:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+        return 1
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop, 0)
+    await runner.setup()
+    for sock in sockets:
+        await web.SockSite(runner, sock, backlog=256).start()
+    bound = []
+    for sockname in runner.addresses:
+        if isinstance(sockname, tuple):
+            host = sockname[0]
+            bound.append(f"tcp:{'[' + host + ']' if ':' in host else host}:{sockname[1]}")
+        else:
+            bound.append(f"unix:{sockname.decode() if isinstance(sockname, bytes) else sockname}")
+    log.info(
+        "listening",
+        extra={"listeners": bound, "state_dir": str(config.state_dir), "pid": os.getpid()},
+    )
+    # a line for scripts and tests that asked for port 0
+    print(f"sharedpoold listening on {' '.join(bound)}", file=sys.stderr, flush=True)
+    await stopping.wait()
+    systemd.notify("STOPPING=1")
+    log.info("stopping", extra={"status": status["code"]})
+    try:
+        await runner.cleanup()
+    except Exception:
+        log.exception("error while stopping")
+        status["code"] = status["code"] or 1
+    for path in created:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+    log.info("stopped", extra={"status": status["code"]})
+    return status["code"]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.print_default_config:
+        print(example_toml(), end="")
+        return 0
+    try:
+        config = config_from_args(args)
+    except ConfigError as exc:
+        print(f"sharedpoold: config error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    if args.check_config:
+        for key, value in config.redacted().items():
+            print(f"{key} = {value!r}")
+        return 0
+    logs.setup(config["daemon.json_logs"], config["daemon.log_level"], config["daemon.access_log"])
+    if not args.reset_state:
+        try:
+            check_state(config)
+        except StateMismatch as exc:
+            print(f"sharedpoold: {exc}", file=sys.stderr)
+            return EXIT_CONFIG
+        except Exception as exc:
+            print(
+                f"sharedpoold: cannot read the state in {config.state_dir}: {exc}", file=sys.stderr
+            )
+            return 3
+    try:
+        return asyncio.run(serve(config, reset_state=args.reset_state))
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
