@@ -226,7 +226,7 @@ def require_admin(request: web.Request) -> None:
 async def healthz(request: web.Request) -> web.Response:
     service = service_of(request)
     if service.state == "failed":
-        return _json({"status": "failed"}, 503)
+        raise Problem("not-ready", "the daemon failed and is stopping")
     return _json({"status": "ok", "state": service.state})
 
 
