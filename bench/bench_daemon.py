@@ -31,7 +31,7 @@ import aiohttp
 
 ROOT = Path(__file__).resolve().parent.parent
 
-TRIVIAL = r'''
+TRIVIAL = r"""
 import json, sys
 from aiohttp import web
 BODY = {"id": 1, "size": 65536, "owner": "c-0123456789abcdef", "purpose": "bench",
@@ -62,7 +62,7 @@ async def main():
     await asyncio.Event().wait()
 import asyncio
 asyncio.run(main())
-'''
+"""
 
 
 def _wait_line(proc: subprocess.Popen[bytes], log: Path, pattern: str, timeout: float = 60) -> str:
@@ -92,8 +92,9 @@ async def _wait_ready(session: aiohttp.ClientSession, base: str, timeout: float 
     raise TimeoutError("not ready")
 
 
-async def load(url: str, *, seconds: float, concurrency: int, size: int,
-               token: str | None) -> dict[str, Any]:
+async def load(
+    url: str, *, seconds: float, concurrency: int, size: int, token: str | None
+) -> dict[str, Any]:
     """`concurrency` tasks, one connection each, doing alloc+free round trips."""
     if url.startswith("unix:"):
         connector: aiohttp.BaseConnector = aiohttp.UnixConnector(path=url[5:], limit=concurrency)
@@ -118,8 +119,9 @@ async def load(url: str, *, seconds: float, concurrency: int, size: int,
                 t0 = time.perf_counter()
                 if t0 >= stop_at:
                     return
-                async with session.post(base + "/v1/buffers", data=body,
-                                        headers=post_headers) as resp:
+                async with session.post(
+                    base + "/v1/buffers", data=body, headers=post_headers
+                ) as resp:
                     data = await resp.read()
                     ok = resp.status == 201
                 t1 = time.perf_counter()
@@ -141,8 +143,13 @@ async def load(url: str, *, seconds: float, concurrency: int, size: int,
     def pct(p: float) -> float:
         return latencies[min(len(latencies) - 1, int(p * len(latencies)))] if latencies else 0.0
 
-    return {"round_trips_per_second": rounds / seconds, "round_trips": rounds,
-            "errors": errors, "alloc_p50_ms": pct(0.50) * 1e3, "alloc_p99_ms": pct(0.99) * 1e3}
+    return {
+        "round_trips_per_second": rounds / seconds,
+        "round_trips": rounds,
+        "errors": errors,
+        "alloc_p50_ms": pct(0.50) * 1e3,
+        "alloc_p99_ms": pct(0.99) * 1e3,
+    }
 
 
 async def register(url: str) -> str:
@@ -158,8 +165,9 @@ async def register(url: str) -> str:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--size", type=int, default=64 << 10, help="bytes per allocation")
@@ -171,12 +179,33 @@ def main() -> int:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     dlog, tlog = tmp / "daemon.log", tmp / "trivial.log"
     daemon = subprocess.Popen(
-        [sys.executable, "-m", "daemon.cli", "--state-dir", str(tmp / "state"),
-         "--listen", f"unix:{tmp / 'd.sock'}", "--listen", "tcp:127.0.0.1:0",
-         "--synchronous", args.synchronous, "--lease-ttl", "600"],
-        cwd=tmp, env=env, stdout=dlog.open("wb"), stderr=subprocess.STDOUT)
-    trivial = subprocess.Popen([sys.executable, "-c", TRIVIAL, str(tmp / "t.sock")], cwd=tmp,
-                               env=env, stdout=tlog.open("wb"), stderr=subprocess.STDOUT)
+        [
+            sys.executable,
+            "-m",
+            "daemon.cli",
+            "--state-dir",
+            str(tmp / "state"),
+            "--listen",
+            f"unix:{tmp / 'd.sock'}",
+            "--listen",
+            "tcp:127.0.0.1:0",
+            "--synchronous",
+            args.synchronous,
+            "--lease-ttl",
+            "600",
+        ],
+        cwd=tmp,
+        env=env,
+        stdout=dlog.open("wb"),
+        stderr=subprocess.STDOUT,
+    )
+    trivial = subprocess.Popen(
+        [sys.executable, "-c", TRIVIAL, str(tmp / "t.sock")],
+        cwd=tmp,
+        env=env,
+        stdout=tlog.open("wb"),
+        stderr=subprocess.STDOUT,
+    )
     results: dict[str, dict[str, Any]] = {}
     try:
         d_tcp = "http://" + _wait_line(daemon, dlog, r"listening on .*tcp:(\S+)")
@@ -185,9 +214,15 @@ def main() -> int:
         token = asyncio.run(register(d_unix))
         for transport, d_url, t_url in (("unix", d_unix, t_unix), ("tcp", d_tcp, t_tcp)):
             for name, url, tok in (("trivial", t_url, None), ("sharedpoold", d_url, token)):
-                results[f"{name}/{transport}"] = asyncio.run(load(
-                    url, seconds=args.seconds, concurrency=args.concurrency, size=args.size,
-                    token=tok))
+                results[f"{name}/{transport}"] = asyncio.run(
+                    load(
+                        url,
+                        seconds=args.seconds,
+                        concurrency=args.concurrency,
+                        size=args.size,
+                        token=tok,
+                    )
+                )
     finally:
         for proc in (daemon, trivial):
             proc.send_signal(signal.SIGTERM)
@@ -196,16 +231,23 @@ def main() -> int:
                 proc.wait(30)
             except subprocess.TimeoutExpired:
                 proc.kill()
-    print(f"alloc+free round trips, {args.concurrency} connections, {args.size} B buffers, "
-          f"{args.seconds:g} s per run, journal synchronous={args.synchronous}")
-    print(f"{'server/transport':<22}{'round trips/s':>14}{'alloc p50 ms':>14}"
-          f"{'alloc p99 ms':>14}{'errors':>8}")
+    print(
+        f"alloc+free round trips, {args.concurrency} connections, {args.size} B buffers, "
+        f"{args.seconds:g} s per run, journal synchronous={args.synchronous}"
+    )
+    print(
+        f"{'server/transport':<22}{'round trips/s':>14}{'alloc p50 ms':>14}"
+        f"{'alloc p99 ms':>14}{'errors':>8}"
+    )
     for key, r in results.items():
-        print(f"{key:<22}{r['round_trips_per_second']:>14.0f}{r['alloc_p50_ms']:>14.2f}"
-              f"{r['alloc_p99_ms']:>14.2f}{r['errors']:>8}")
+        print(
+            f"{key:<22}{r['round_trips_per_second']:>14.0f}{r['alloc_p50_ms']:>14.2f}"
+            f"{r['alloc_p99_ms']:>14.2f}{r['errors']:>8}"
+        )
     for transport in ("unix", "tcp"):
-        ratio = (results[f"sharedpoold/{transport}"]["round_trips_per_second"]
-                 / max(results[f"trivial/{transport}"]["round_trips_per_second"], 1e-9))
+        ratio = results[f"sharedpoold/{transport}"]["round_trips_per_second"] / max(
+            results[f"trivial/{transport}"]["round_trips_per_second"], 1e-9
+        )
         verdict = "meets" if ratio >= 0.5 else "BELOW"
         print(f"{transport}: sharedpoold / trivial = {ratio:.2f} ({verdict} the 0.5 target)")
     print(f"daemon exit status: {daemon.returncode}")

@@ -33,8 +33,9 @@ async def test_whole_api(api: Checked) -> None:
     assert status == 201 and reg["name"] == "netvsc0" and reg["token"]
     cid, tok = reg["client_id"], reg["token"]
 
-    status, buf, _ = await api("POST", "/v1/buffers", token=tok,
-                               json={"size": 16 << 20, "purpose": "recv"})
+    status, buf, _ = await api(
+        "POST", "/v1/buffers", token=tok, json={"size": 16 << 20, "purpose": "recv"}
+    )
     assert status == 201
     assert buf["owner"] == cid and buf["size"] == 16 << 20 and buf["npages"] == 4096
     assert buf["gpadl_messages"] == 147 and sum(n for _, n in buf["pfn_ranges"]) == 4096
@@ -60,11 +61,13 @@ async def test_whole_api(api: Checked) -> None:
     assert set(pool["guest"]["direct_map_bytes"]) == {"4k", "2M", "1G"}
 
     size0 = pool["strategy"]["size_bytes"]
-    status, grown, _ = await api("POST", "/v1/pool/grow", token=ADMIN_TOKEN,
-                                 json={"bytes": 8 << 20})
+    status, grown, _ = await api(
+        "POST", "/v1/pool/grow", token=ADMIN_TOKEN, json={"bytes": 8 << 20}
+    )
     assert status == 200 and grown["grown_bytes"] == 8 << 20
-    status, shrunk, _ = await api("POST", "/v1/pool/shrink", token=ADMIN_TOKEN,
-                                  json={"force": True})
+    status, shrunk, _ = await api(
+        "POST", "/v1/pool/shrink", token=ADMIN_TOKEN, json={"force": True}
+    )
     assert status == 200 and shrunk["released_bytes"] >= 8 << 20
     status, pool, _ = await api("GET", "/v1/pool")
     assert pool["strategy"]["size_bytes"] <= size0 and pool["strategy"]["shrinks"] == 1
@@ -110,15 +113,24 @@ BAD_ALLOC_BODIES: list[tuple[Any, str, str | None]] = [
 
 async def test_every_error_status(api: Checked, tmp_path: Path) -> None:
     cid, tok = await register(api.client, "a")
-    cid2, tok2 = await register(api.client, "b")
+    _, tok2 = await register(api.client, "b")
     _, buf, _ = await api("POST", "/v1/buffers", token=tok, json={"size": 4096})
     before = await _state(api)
 
     # 400: malformed JSON and bad fields
-    for raw in (b"{", b"[1]", b'"x"', b"{\"size\": NaN}", b'{"size": 1, "size": 2}',
-                b"\xff\xfe", b"[" * 5000 + b"]" * 5000, b'{"a":' * 100 + b"1" + b"}" * 100):
-        status, body, _ = await api("POST", "/v1/buffers", token=tok, data=raw,
-                                    headers={"Content-Type": "application/json"})
+    for raw in (
+        b"{",
+        b"[1]",
+        b'"x"',
+        b'{"size": NaN}',
+        b'{"size": 1, "size": 2}',
+        b"\xff\xfe",
+        b"[" * 5000 + b"]" * 5000,
+        b'{"a":' * 100 + b"1" + b"}" * 100,
+    ):
+        status, body, _ = await api(
+            "POST", "/v1/buffers", token=tok, data=raw, headers={"Content-Type": "application/json"}
+        )
         assert status == 400 and body["type"] == P + "malformed-json", (raw[:20], body)
     for payload, name, field in BAD_ALLOC_BODIES:
         status, body, _ = await api("POST", "/v1/buffers", token=tok, json=payload)
@@ -130,8 +142,13 @@ async def test_every_error_status(api: Checked, tmp_path: Path) -> None:
     status, body, _ = await api("POST", "/v1/clients", json={"name": 5})
     assert status == 400 and body["field"] == "name"
     # 401: missing, malformed, unknown token
-    for headers in ({}, {"Authorization": "Basic eDp5"}, {"Authorization": "Bearer "},
-                    {"Authorization": "Bearer nope"}, {"Authorization": "Bearer " + "x" * 300}):
+    for headers in (
+        {},
+        {"Authorization": "Basic eDp5"},
+        {"Authorization": "Bearer "},
+        {"Authorization": "Bearer nope"},
+        {"Authorization": "Bearer " + "x" * 300},
+    ):
         status, body, hdrs = await api("GET", "/v1/buffers", headers=headers)
         assert status == 401 and body["type"] == P + "unauthorized"
         assert hdrs["WWW-Authenticate"].startswith("Bearer")
@@ -157,12 +174,18 @@ async def test_every_error_status(api: Checked, tmp_path: Path) -> None:
     status, body, hdrs = await api("PUT", "/v1/buffers", token=tok, json={})
     assert status == 405 and body["type"] == P + "method-not-allowed" and "Allow" in hdrs
     # 413: body over the limit (64 KiB)
-    status, body, _ = await api("POST", "/v1/buffers", token=tok,
-                                json={"size": 4096, "purpose": "x" * (70 << 10)})
+    status, body, _ = await api(
+        "POST", "/v1/buffers", token=tok, json={"size": 4096, "purpose": "x" * (70 << 10)}
+    )
     assert status == 413 and body["type"] == P + "body-too-large"
     # 415
-    status, body, _ = await api("POST", "/v1/buffers", token=tok, data=b"size=4096",
-                                headers={"Content-Type": "application/x-www-form-urlencoded"})
+    status, body, _ = await api(
+        "POST",
+        "/v1/buffers",
+        token=tok,
+        data=b"size=4096",
+        headers={"Content-Type": "application/x-www-form-urlencoded"},
+    )
     assert status == 415
     # admin: a client token is not enough (TCP: no Unix peer credentials)
     status, body, _ = await api("POST", "/v1/pool/grow", json={"bytes": 4096})
@@ -175,8 +198,7 @@ async def test_every_error_status(api: Checked, tmp_path: Path) -> None:
     for payload in ({"bytes": -1}, {"bytes": True}, {"bytes": 1.5}, {"bytes": 1 << 40}, {}):
         status, body, _ = await api("POST", "/v1/pool/grow", token=ADMIN_TOKEN, json=payload)
         assert status == 400, payload
-    status, body, _ = await api("POST", "/v1/pool/shrink", token=ADMIN_TOKEN,
-                                json={"force": 1})
+    status, body, _ = await api("POST", "/v1/pool/shrink", token=ADMIN_TOKEN, json={"force": 1})
     assert status == 400
 
     assert await _state(api) == before, "a rejected request changed the state"
@@ -208,8 +230,7 @@ async def test_every_error_status(api: Checked, tmp_path: Path) -> None:
 async def test_isolation_between_clients(api: Checked) -> None:
     a_id, a = await register(api.client, "a")
     b_id, b = await register(api.client, "b")
-    a_bufs = [(await api("POST", "/v1/buffers", token=a, json={"size": 8192}))[1]
-              for _ in range(3)]
+    a_bufs = [(await api("POST", "/v1/buffers", token=a, json={"size": 8192}))[1] for _ in range(3)]
     b_buf = (await api("POST", "/v1/buffers", token=b, json={"size": 4096}))[1]
     _, a_list, _ = await api("GET", "/v1/buffers", token=a)
     _, b_list, _ = await api("GET", "/v1/buffers", token=b)
@@ -230,7 +251,7 @@ async def test_lease_expiry_reclaims_buffers(tmp_path: Path) -> None:
     config = small_config(tmp_path / "state", daemon__lease_ttl=0.3)
     async with running_app(config) as client:
         api = Checked(client)
-        cid, tok = await register(client, "crashy")
+        _, tok = await register(client, "crashy")
         keep_id, keep = await register(client, "alive")
         for _ in range(3):
             assert (await api("POST", "/v1/buffers", token=tok, json={"size": 4096}))[0] == 201
@@ -238,7 +259,7 @@ async def test_lease_expiry_reclaims_buffers(tmp_path: Path) -> None:
         for _ in range(10):  # the live client heartbeats, the other does not
             await asyncio.sleep(0.1)
             assert (await api("POST", f"/v1/clients/{keep_id}/heartbeat", token=keep))[0] == 200
-        status, body, _ = await api("GET", "/v1/buffers", token=tok)
+        status, _, _ = await api("GET", "/v1/buffers", token=tok)
         assert status == 401
         _, pool, _ = await api("GET", "/v1/pool")
         assert pool["daemon"]["reclaimed_buffers"] == 3 and pool["strategy"]["buffers"] == 1
@@ -285,7 +306,8 @@ async def test_unsupported_strategy_operations(tmp_path: Path) -> None:
         _, tok = await register(client)
         status, buf, _ = await api("POST", "/v1/buffers", token=tok, json={"size": 1 << 20})
         assert status == 201
-        status, body, _ = await api("POST", "/v1/pool/grow", token=ADMIN_TOKEN,
-                                    json={"bytes": 4096})
+        status, body, _ = await api(
+            "POST", "/v1/pool/grow", token=ADMIN_TOKEN, json={"bytes": 4096}
+        )
         assert status == 409 and body["type"] == P + "unsupported"
         assert (await api("DELETE", f"/v1/buffers/{buf['id']}", token=tok))[0] == 200

@@ -84,12 +84,18 @@ async def test_metrics_contract_and_values(tmp_path: Path) -> None:
     for zone in guest["zones"]:
         for order in range(11):
             o = str(order)
-            assert value("sharedpool_buddy_free_blocks", zone=zone["name"], order=o) == \
-                zone["nr_free"][order]
-            assert value("sharedpool_fragmentation_index", zone=zone["name"], order=o) == \
-                zone["fragmentation_index"][order] / 1000
-            assert value("sharedpool_unusable_free_index", zone=zone["name"], order=o) == \
-                zone["unusable_free_index"][order] / 1000
+            assert (
+                value("sharedpool_buddy_free_blocks", zone=zone["name"], order=o)
+                == zone["nr_free"][order]
+            )
+            assert (
+                value("sharedpool_fragmentation_index", zone=zone["name"], order=o)
+                == zone["fragmentation_index"][order] / 1000
+            )
+            assert (
+                value("sharedpool_unusable_free_index", zone=zone["name"], order=o)
+                == zone["unusable_free_index"][order] / 1000
+            )
     for kind, n in guest["hazard_pages"].items():
         assert value("sharedpool_hazard_pages", kind=kind) == n
     assert value("sharedpool_leaked_bytes") == st["leaked_bytes"]
@@ -98,26 +104,39 @@ async def test_metrics_contract_and_values(tmp_path: Path) -> None:
     assert value("sharedpool_allocations", "_total", result="ok") == st["allocations"] == 4
     assert value("sharedpool_frees", "_total") == st["frees"] == 1
     c = guest["counts"]
-    assert value("sharedpool_conversions", "_total", direction="to_shared") == \
-        c["conversions_to_shared"] > 0
-    assert value("sharedpool_conversions", "_total", direction="to_private") == \
-        c["conversions_to_private"]
-    assert value("sharedpool_converted_bytes", "_total", direction="to_shared") == \
-        c["pages_to_shared"] * 4096
+    assert (
+        value("sharedpool_conversions", "_total", direction="to_shared")
+        == c["conversions_to_shared"]
+        > 0
+    )
+    assert (
+        value("sharedpool_conversions", "_total", direction="to_private")
+        == c["conversions_to_private"]
+    )
+    assert (
+        value("sharedpool_converted_bytes", "_total", direction="to_shared")
+        == c["pages_to_shared"] * 4096
+    )
     assert value("sharedpool_hypercalls", "_total") == c["hypercalls"] > 0
-    assert value("sharedpool_direct_map_splits", "_total", level="2") == \
-        c["direct_map_level2_splits"]
-    assert value("sharedpool_direct_map_splits", "_total", level="3") == \
-        c["direct_map_level3_splits"]
+    assert (
+        value("sharedpool_direct_map_splits", "_total", level="2") == c["direct_map_level2_splits"]
+    )
+    assert (
+        value("sharedpool_direct_map_splits", "_total", level="3") == c["direct_map_level3_splits"]
+    )
     assert value("sharedpool_pool_grows", "_total") == st["grows"] >= 2
     assert value("sharedpool_pool_shrinks", "_total") == st["shrinks"]
     assert value("sharedpool_reclaimed_buffers", "_total") == daemon["reclaimed_buffers"]
-    counts = {cls: value("sharedpool_alloc_duration_seconds", "_count", size_class=cls)
-              for cls in ("le_64KiB", "le_1MiB", "le_16MiB", "gt_16MiB")}
+    counts = {
+        cls: value("sharedpool_alloc_duration_seconds", "_count", size_class=cls)
+        for cls in ("le_64KiB", "le_1MiB", "le_16MiB", "gt_16MiB")
+    }
     assert counts == {"le_64KiB": 1, "le_1MiB": 1, "le_16MiB": 1, "gt_16MiB": 1}
-    buckets = sorted(float(s.labels["le"]) for s in families[
-        "sharedpool_alloc_duration_seconds"].samples
-        if s.name.endswith("_bucket") and s.labels["size_class"] == "le_64KiB")
+    buckets = sorted(
+        float(s.labels["le"])
+        for s in families["sharedpool_alloc_duration_seconds"].samples
+        if s.name.endswith("_bucket") and s.labels["size_class"] == "le_64KiB"
+    )
     assert buckets[0] == 1e-6 and buckets[-2] == 0.1 and buckets[-1] == float("inf")
     assert value("sharedpool_modeled_conversion_seconds", "_count") == 4
     assert value("sharedpool_build_info", version="0.1.0") == 1

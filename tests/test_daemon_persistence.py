@@ -58,6 +58,7 @@ async def _workload(service: Service) -> None:
     for _ in range(3):
         await service.maintain()
     await service.shrink(force=False)
+    await service.allocate(ca, 32 << 20, "big")
     with pytest.raises(AllocationError):
         await service.allocate(ca, 32 << 20, "too much")  # 503 exhausted: journaled too
     cb.last_seen -= 10_000
@@ -130,8 +131,9 @@ async def test_journal_that_does_not_replay_is_refused(tmp_path: Path) -> None:
 
 async def test_fault_injection_replays_and_leaks(tmp_path: Path) -> None:
     # Re-encryption always fails: a forced shrink leaks its chunks, never frees them.
-    config = small_config(tmp_path / "state", faults__failure_rate=1.0,
-                          faults__direction="to_private")
+    config = small_config(
+        tmp_path / "state", faults__failure_rate=1.0, faults__direction="to_private"
+    )
     service = await _open(config)
     a = await service.register("a")
     ca = service.clients[a["client_id"]]
@@ -149,8 +151,12 @@ async def test_fault_injection_replays_and_leaks(tmp_path: Path) -> None:
     await again.close()
 
     # Every decryption fails (vmalloc): the allocation is refused, pages leaked, state sane.
-    config = small_config(tmp_path / "state2", faults__failure_rate=1.0,
-                          faults__direction="to_shared", pool__strategy="vmalloc-directmap")
+    config = small_config(
+        tmp_path / "state2",
+        faults__failure_rate=1.0,
+        faults__direction="to_shared",
+        pool__strategy="vmalloc-directmap",
+    )
     service = await _open(config)
     a = await service.register("a")
     with pytest.raises(AllocationError) as err:
@@ -159,3 +165,29 @@ async def test_fault_injection_replays_and_leaks(tmp_path: Path) -> None:
     assert service.strategy is not None and service.strategy.stats().leaked_bytes == 64 << 10
     service.check_invariants()
     await service.close()
+
+
+async def test_replay_on_an_aged_guest(tmp_path: Path) -> None:
+    """Whatever the aged page allocator grants or refuses, replay reproduces it."""
+    config = small_config(tmp_path / "state", guest__age_steps=20_000)
+    service = await _open(config)
+    a = await service.register("a")
+    ca = service.clients[a["client_id"]]
+    outcomes = []
+    for i, size in enumerate((4096, 1 << 20, 5 << 20, 6144, 9 << 20, 2 << 20, 12 << 20)):
+        try:
+            buf = await service.allocate(ca, size, f"b{i}")
+            outcomes.append(buf["id"])
+        except AllocationError as err:
+            outcomes.append(err.reason)
+        if i % 3 == 2 and isinstance(outcomes[0], int):
+            await service.free(ca, outcomes[0])
+            outcomes[0] = "freed"
+        service.clock.observe(50.0 * (i + 1))
+        await service.maintain()
+    want = _fingerprint(service)
+    await service.close(snapshot=False)
+    again = await _open(config)
+    assert _fingerprint(again) == want
+    again.check_invariants()
+    await again.close()

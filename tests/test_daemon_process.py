@@ -23,8 +23,14 @@ PY = [sys.executable, "-m", "daemon.cli"]
 
 
 def _run(*args: str, cwd: Path, timeout: float = 20) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*PY, *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    return subprocess.run(
+        [*PY, *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
 
 
 def test_help_and_config_errors(tmp_path: Path) -> None:
@@ -36,10 +42,10 @@ def test_help_and_config_errors(tmp_path: Path) -> None:
     cfg.write_text('[pool]\nmax = "1GiB"\nwatermark = 3\n')
     out = _run("--config", str(cfg), cwd=tmp_path)
     assert out.returncode == 2 and "pool.watermark: unknown setting" in out.stderr
-    cfg.write_text('[daemon]\nlease_ttl = -1\n')
+    cfg.write_text("[daemon]\nlease_ttl = -1\n")
     out = _run("--config", str(cfg), cwd=tmp_path)
     assert out.returncode == 2 and "daemon.lease_ttl" in out.stderr
-    cfg.write_text('[guest\n')
+    cfg.write_text("[guest\n")
     out = _run("--config", str(cfg), cwd=tmp_path)
     assert out.returncode == 2 and "not valid TOML" in out.stderr
     out = _run("--print-default-config", cwd=tmp_path)
@@ -172,19 +178,36 @@ async def test_systemd_notify_and_socket_activation(tmp_path: Path) -> None:
     state = tmp_path / "state"
     from test_daemon_support import SMALL, _flag
 
-    flags = [a for k, v in SMALL.items() if k != "daemon.admin_token"
-             for a in (f"--{_flag(k)}", str(v))]
+    flags = [
+        a for k, v in SMALL.items() if k != "daemon.admin_token" for a in (f"--{_flag(k)}", str(v))
+    ]
     # exec through a tiny launcher that puts the socket at fd 3 and sets LISTEN_PID, as
     # systemd does
-    launcher = ("import os, sys; fd = int(sys.argv[1]); os.dup2(fd, 3); os.close(fd); "
-                "os.environ.update(LISTEN_PID=str(os.getpid()), LISTEN_FDS='1'); "
-                "os.execv(sys.executable, [sys.executable, *sys.argv[2:]])")
-    cmd = [sys.executable, "-c", launcher, str(listener.fileno()), "-m", "daemon.cli",
-           "--state-dir", str(state), *flags]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "NOTIFY_SOCKET": name,
-           "WATCHDOG_USEC": "200000"}
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, pass_fds=(listener.fileno(),),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    launcher = (
+        "import os, sys; fd = int(sys.argv[1]); os.dup2(fd, 3); os.close(fd); "
+        "os.environ.update(LISTEN_PID=str(os.getpid()), LISTEN_FDS='1'); "
+        "os.execv(sys.executable, [sys.executable, *sys.argv[2:]])"
+    )
+    cmd = [
+        sys.executable,
+        "-c",
+        launcher,
+        str(listener.fileno()),
+        "-m",
+        "daemon.cli",
+        "--state-dir",
+        str(state),
+        *flags,
+    ]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "NOTIFY_SOCKET": name, "WATCHDOG_USEC": "200000"}
+    proc = subprocess.Popen(
+        cmd,
+        cwd=tmp_path,
+        env=env,
+        pass_fds=(listener.fileno(),),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     try:
         msgs: list[str] = []
         while not any("READY=1" in m for m in msgs):

@@ -27,7 +27,7 @@ ADMIN_TOKEN = "admin-token-0123456789abcdef"
 # A small, quick guest: builds in ~0.1 s.
 SMALL: dict[str, Any] = {
     "guest.memory": "512MiB",
-    "guest.age_steps": 5000,
+    "guest.age_steps": 0,  # pristine: the tests need the pool to grow predictably
     "pool.initial": "8MiB",
     "pool.max": "64MiB",
     "pool.max_buffer": "32MiB",
@@ -89,14 +89,22 @@ _LISTEN_LINE = re.compile(r"sharedpoold listening on (.*)")
 class Daemon:
     """sharedpoold as a subprocess on a temporary Unix socket and 127.0.0.1:0."""
 
-    def __init__(self, tmp: Path, *args: str, env: dict[str, str] | None = None,
-                 tcp: bool = True) -> None:
+    def __init__(
+        self, tmp: Path, *args: str, env: dict[str, str] | None = None, tcp: bool = True
+    ) -> None:
         self.tmp = tmp
         self.sock = tmp / "run" / "sharedpoold.sock"
         self.state = tmp / "state"
         self.log = tmp / f"daemon-{time.monotonic_ns()}.log"
-        cmd = [sys.executable, "-m", "daemon.cli", "--state-dir", str(self.state),
-               "--listen", f"unix:{self.sock}"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "daemon.cli",
+            "--state-dir",
+            str(self.state),
+            "--listen",
+            f"unix:{self.sock}",
+        ]
         if tcp:
             cmd += ["--listen", "tcp:127.0.0.1:0"]
         for key, value in SMALL.items():
@@ -104,11 +112,21 @@ class Daemon:
                 continue
             cmd += [f"--{_flag(key)}", str(value)]
         cmd += list(args)
-        full_env = {**os.environ, "PYTHONPATH": str(ROOT), "SHAREDPOOLD_ADMIN_TOKEN": ADMIN_TOKEN,
-                    **(env or {})}
+        full_env = {
+            **os.environ,
+            "PYTHONPATH": str(ROOT),
+            "SHAREDPOOLD_ADMIN_TOKEN": ADMIN_TOKEN,
+            **(env or {}),
+        }
         self._logf = open(self.log, "wb")  # noqa: SIM115
-        self.proc = subprocess.Popen(cmd, cwd=tmp, env=full_env, stdout=self._logf,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = subprocess.Popen(
+            cmd,
+            cwd=tmp,
+            env=full_env,
+            stdout=self._logf,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         self.tcp_url: str | None = None
 
     @property
@@ -230,8 +248,9 @@ def _is_type(value: Any, t: str) -> bool:
         return isinstance(value, int) and not isinstance(value, bool)
     if t == "number":
         return isinstance(value, int | float) and not isinstance(value, bool)
-    return {"string": str, "boolean": bool, "object": dict, "array": list,
-            "null": type(None)}[t] is type(value) or (t == "object" and isinstance(value, dict))
+    return {"string": str, "boolean": bool, "object": dict, "array": list, "null": type(None)}[
+        t
+    ] is type(value) or (t == "object" and isinstance(value, dict))
 
 
 def response_schema(doc: dict[str, Any], path: str, method: str, status: int) -> tuple[str, Any]:
@@ -239,7 +258,7 @@ def response_schema(doc: dict[str, Any], path: str, method: str, status: int) ->
     op = doc["paths"][path][method.lower()]
     resp = op["responses"].get(str(status))
     assert resp is not None, f"{method} {path}: status {status} is not documented"
-    (media, content), = resp["content"].items()
+    ((media, content),) = resp["content"].items()
     return media, content["schema"]
 
 
@@ -260,8 +279,9 @@ class Checked:
         self.doc = load_openapi()
         self.seen: set[tuple[str, str, int]] = set()
 
-    async def __call__(self, method: str, path: str, *, token: str | None = None,
-                       **kwargs: Any) -> tuple[int, Any, Any]:
+    async def __call__(
+        self, method: str, path: str, *, token: str | None = None, **kwargs: Any
+    ) -> tuple[int, Any, Any]:
         headers = dict(kwargs.pop("headers", {}))
         if token is not None:
             headers["Authorization"] = f"Bearer {token}"
