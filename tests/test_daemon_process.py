@@ -4,6 +4,7 @@ credentials."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -65,7 +66,7 @@ async def _alloc_some(url: str, name: str, sizes: list[int]) -> tuple[SharedPool
 
 
 async def test_graceful_shutdown_persists(tmp_path: Path) -> None:
-    d = Daemon(tmp_path)
+    d = Daemon(tmp_path, "--json-logs")
     try:
         await d.wait_ready()
         mode = stat.S_IMODE(os.stat(d.sock).st_mode)
@@ -77,6 +78,10 @@ async def test_graceful_shutdown_persists(tmp_path: Path) -> None:
         assert d.wait() == 0, d.output()
         assert not d.sock.exists()
         assert "stopped" in d.output() and "Traceback" not in d.output()
+        assert c.token and c.token not in d.output() and ADMIN_TOKEN not in d.output()
+        lines = [x for x in d.output().splitlines() if not x.startswith("sharedpoold listening")]
+        assert [json.loads(x)["msg"] for x in lines] == ["listening", "ready", "stopping",
+                                                          "stopped"]  # no access log
     finally:
         d.stop()
     d2 = Daemon(tmp_path)
