@@ -80,8 +80,12 @@ async def test_graceful_shutdown_persists(tmp_path: Path) -> None:
         assert "stopped" in d.output() and "Traceback" not in d.output()
         assert c.token and c.token not in d.output() and ADMIN_TOKEN not in d.output()
         lines = [x for x in d.output().splitlines() if not x.startswith("sharedpoold listening")]
-        assert [json.loads(x)["msg"] for x in lines] == ["listening", "ready", "stopping",
-                                                          "stopped"]  # no access log
+        assert [json.loads(x)["msg"] for x in lines] == [
+            "listening",
+            "ready",
+            "stopping",
+            "stopped",
+        ]  # no access log
     finally:
         d.stop()
     d2 = Daemon(tmp_path)
