@@ -27,7 +27,16 @@ from collections.abc import Iterator, Mapping
 import numpy as np
 import numpy.typing as npt
 
+from pool.guest import PAGE_SHARED, SHARED, Guest
+from pool.guest.units import PAGE_SHIFT
 from pool.strategy import AllocationError, Buffer, DoubleFree, NotOwner, UnknownBuffer
+
+PAGE_OFFSET = 0xFFFF888000000000  # x86-64 direct map base (4-level paging, no KASLR)
+
+
+def direct_map_va(pfn: int, offset: int = 0) -> int:
+    """The direct-map (linear map) address of page `pfn` plus `offset` bytes: page_to_virt()."""
+    return PAGE_OFFSET + (pfn << PAGE_SHIFT) + offset
 
 
 class Ledger:
@@ -173,3 +182,30 @@ class Ledger:
             uniq, counts = np.unique(pfns, return_counts=True)
             dup = uniq[counts > 1]
             assert dup.size == 0, f"PFNs in two live buffers: {dup[:8].tolist()}"
+
+
+# -- checks every strategy's check_invariants() shares ----------------------------------------
+def assert_pages_shared(
+    guest: Guest, pfns: npt.NDArray[np.int64], what: str, direct_map: bool = True
+) -> None:
+    """On an encrypting platform: every page of `pfns` is shared, and (if `direct_map`) its
+    direct-map alias is mapped shared. Nothing to check on platform "none"."""
+    if not guest.platform.encrypts or len(pfns) == 0:
+        return
+    state = guest.platform.state[pfns]
+    bad = pfns[state != PAGE_SHARED]
+    assert bad.size == 0, f"{what}: pages not shared: {bad[:8].tolist()}"
+    if direct_map:
+        attr = guest.direct_map.attr[pfns]
+        bad = pfns[attr != SHARED]
+        assert bad.size == 0, f"{what}: direct-map aliases not shared: {bad[:8].tolist()}"
+
+
+def assert_never_returned(guest: Guest, blocks: list[tuple[int, int]], what: str) -> None:
+    """Leaked blocks (pfn, order) are still allocated in the page allocator: a page of unknown
+    state never went back to the free lists (CVE-2024-36911)."""
+    alloc = guest.allocator
+    for pfn, order in blocks:
+        assert alloc.allocated_order(pfn) == order, (
+            f"{what}: leaked block {pfn:#x} order {order} is no longer allocated"
+        )

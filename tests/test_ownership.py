@@ -16,7 +16,9 @@ from pool.strategy import (
 )
 
 
-def buf(ledger: Ledger, owner: str = "a", start: int = 0, npages: int = 1, size: int = 4096):
+def buf(
+    ledger: Ledger, owner: str = "a", start: int = 0, npages: int = 1, size: int = 4096
+) -> Buffer:
     return Buffer(
         id=ledger.next_id(),
         size=size,
@@ -27,7 +29,7 @@ def buf(ledger: Ledger, owner: str = "a", start: int = 0, npages: int = 1, size:
     )
 
 
-def snapshot(ledger: Ledger):
+def snapshot(ledger: Ledger) -> tuple[object, ...]:
     return (
         ledger.buffers(),
         ledger.allocations,
