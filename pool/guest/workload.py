@@ -1,0 +1,369 @@
+"""Background churn: the seeded page-cache and slab traffic that ages a guest's page allocator.
+
+A pristine allocator hands out memory from a few huge free blocks, so a 16 MiB vmalloc
+buffer's 4096 pages come from 8 or 9 aligned 2 MiB regions. A guest that has run for a
+while has had its memory filled by page cache, reclaimed, refilled, with slab and anonymous
+pages of long-running processes left scattered in between: its free memory is in small
+blocks all over RAM, and the same buffer lands in hundreds of 2 MiB regions. :class:`Churn`
+reproduces that state, deterministically from a seed.
+
+The model (each knob is a field of :class:`ChurnConfig`):
+
+- **Steps.** One step is one allocation (an order drawn from the configured mix), followed by
+  reclaim: random live allocations are freed until the churn's live pages are back at the
+  occupancy target. Allocations go through :meth:`PageAllocator.alloc` with the churn's
+  zonelist (Normal first, DMA32 as fallback); when no block of the drawn order is left, the
+  request falls back to the next lower order, as page-cache folio allocation does; when not
+  even an order-0 page is left, the churn reclaims one of its own allocations and retries.
+- **Short- and long-lived allocations.** A fraction of allocations is long-lived (slab pages,
+  page tables, anonymous memory of long-running processes: orders 0 and 1); the rest is
+  short-lived (page-cache folios of orders 2-6, transient order-0/1 kernel and anonymous
+  pages). Reclaim takes victims among the short-lived allocations, uniformly at random
+  (reclaim order is only loosely related to physical placement), except when the long-lived
+  ones exceed their share of the target, then it takes a long-lived victim.
+- **Memory-pressure episodes.** At step 0 and then every ``pressure_interval`` steps, the
+  page cache grows (a big file read: folios of the page-cache mix, no frees) until live
+  memory reaches ``pressure_occupancy`` of RAM, and reclaim then evicts random short-lived
+  allocations down to the occupancy target again. The first episode touches most of RAM in
+  a few hundred thousand allocations (the guest's memory has all been used once), later
+  ones mix the layout again.
+
+What "aged" means: with the defaults, 1,000,000 steps on a 16 GiB guest (RAM = [0, 3 GiB) and
+[4 GiB, 17 GiB)), as measured by ``bench/bench_guest_scale.py`` (seeds 1, 2, 3):
+
+- 25.0 % of RAM is free (occupancy 0.75). The Normal zone's free memory is all in blocks below
+  order 9: unusable free index at order 9 = 1.000 (the real 4 GiB guest after churn, in
+  ``examples/buddyinfo/linux-6.1-4GiB-after-churn.unusable_index``: 0.974). Its smallest free
+  blocks are order-3 holes; orders 0-2 are used up by the steady small allocations.
+- 1638 MiB stay in order-9/10 blocks, in DMA32: the tenth of RAM that pressure episodes never
+  reach (Normal is filled first), so pools of a few hundred MiB in 2-4 MiB blocks still succeed.
+  The real guest kept 591 order-10 blocks in DMA32.
+- 4096 consecutive order-0 allocations (a 16 MiB vmalloc buffer) land in 496, 491 and 490
+  distinct 2 MiB regions (one per order-3 hole), against 8 on the pristine guest. DESIGN.md's
+  real-guest figures: 8-9 after boot, 130-150 after moderate churn, 300-380 after heavy churn;
+  the default ages a little beyond the heaviest measured churn.
+
+Other sizes, same 1 M steps (seed 1): 2 GiB (DMA32 only) 495 regions, unusable index 0.625 in
+DMA32; 4 GiB 1129 regions; 8 GiB 622; 64 GiB 1005 regions, unusable index 0.738 (the churn never
+fills the 61 GiB Normal zone: order-2 holes remain and its top stays in order-10 blocks). On
+small guests the long-lived pages reach their cap early (4 GiB: at ~0.4 M steps); from then on
+retiring random old long-lived pages leaves scattered order-0 and order-1 holes and the figure
+rises (16 GiB after 2 M steps: 1093 regions). Aging takes ~7 s per million steps at 16 GiB and
+~15 s at 64 GiB, peak RSS 47 and 69 MiB.
+
+Not modeled: per-cpu page lists (pcp), migratetypes and pageblock grouping, watermarks,
+kswapd and direct compaction, NUMA, memory cgroups; page-cache LRU order (victims are random).
+
+Live allocations are kept in two ``array('q')`` (short- and long-lived), each entry
+``pfn << 4 | order``; freeing a victim swaps the last entry into its slot.
+"""
+
+from __future__ import annotations
+
+import bisect
+import random
+from array import array
+from collections.abc import Callable, Iterator, Sequence
+from itertools import accumulate
+from typing import Any
+
+import attrs
+
+from pool.guest.buddy import PageAllocator
+from pool.guest.units import NR_ORDERS
+
+__all__ = ["Churn", "ChurnConfig"]
+
+_SHIFT = 4  # entry = pfn << 4 | order
+_MASK = (1 << _SHIFT) - 1
+
+
+def _order_weights(value: Sequence[float]) -> tuple[float, ...]:
+    weights = tuple(float(v) for v in value)
+    if len(weights) > NR_ORDERS:
+        raise ValueError(
+            f"order weights: at most {NR_ORDERS} values (orders 0..10), got {len(weights)}"
+        )
+    return weights + (0.0,) * (NR_ORDERS - len(weights))
+
+
+def _check_weights(
+    _instance: Any, attribute: attrs.Attribute[Any], value: tuple[float, ...]
+) -> None:
+    if any(w < 0 for w in value) or sum(value) <= 0:
+        raise ValueError(f"{attribute.name}: weights must be >= 0 with a positive sum: {value}")
+
+
+def _check_fraction(_instance: Any, attribute: attrs.Attribute[Any], value: float) -> None:
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{attribute.name} must be in [0, 1], not {value}")
+
+
+@attrs.frozen
+class ChurnConfig:
+    """The knobs of the background churn. Defaults are calibrated so that 1,000,000 steps age a
+    16 GiB guest to DESIGN.md's "heavy churn" state (see the module docstring).
+
+    Order weights are relative weights for orders 0, 1, 2, ... (missing orders weigh 0).
+
+    - ``occupancy`` (0.75): live churn pages / RAM pages after every step. What remains free
+      (25 %) is what later experiments allocate from; below 0.85 so that at least 15 % of RAM
+      stays free, not lower than real guests whose caches fill most of memory.
+    - ``pressure_occupancy`` (0.90): the peak of a memory-pressure episode, in RAM fraction.
+      Below 1 so that the last tenth of RAM is never touched: the order-9/10 blocks aged real
+      guests keep (the top of DMA32 on a 16 GiB guest, since Normal is filled first; all of
+      DMA32 and the top of Normal on a 64 GiB guest).
+    - ``pressure_interval`` (50,000): steps between pressure episodes; the first is at step 0.
+      0 disables episodes (the churn then only ever reuses the memory it has touched). 50,000
+      keeps the layout in a steady state: between episodes, steady churn slowly consumes the
+      smallest holes; with longer intervals the 16 MiB-buffer figure swings between ~250 and
+      ~490 regions depending on where the run ends in the cycle.
+    - ``pagecache_orders`` (orders 2-6: 0.1, 0.3, 0.3, 0.2, 0.1): folio orders of the page cache
+      read in an episode — 16 KiB to 256 KiB readahead folios. Larger folios (orders 7-9) are
+      left out on purpose: each would take and give back whole 2 MiB regions, and together they
+      would consume the untouched order-9/10 blocks.
+    - ``short_orders`` (0.2, 0.05, 0.1, 0.2, 0.2, 0.15, 0.1): steady short-lived allocations:
+      transient order-0/1 pages (skbs, kmalloc buffers, short-lived anonymous memory) and
+      page-cache folios of orders 2-6.
+    - ``long_fraction`` (0.5): probability that a steady allocation is long-lived. With the
+      long-lived mix below, 55 % of all steady allocations are order 0, 7.5 % order 1, 15 %
+      orders 2-3 and 22.5 % orders 4-6 ("mostly 0, some 1-3, a few higher").
+    - ``long_orders`` (0.9, 0.1): long-lived allocations — slab pages (mostly order 0, some
+      order-1 slabs), page tables, anonymous memory of long-running processes. They are what
+      keeps freed neighbours from merging back into large blocks.
+    - ``long_share`` (0.25): the long-lived pages' cap, as a share of the occupancy target (slab
+      plus long-lived anonymous memory around a quarter of used memory). Once reached, each new
+      long-lived allocation retires a random old one. Long-lived memory grows by ~0.55 page
+      per step, so a 16 GiB guest reaches the cap after ~1.4 M steps, a 4 GiB one after 0.36 M.
+    - ``free_batch`` (1): how many consecutively allocated live entries (of the short- or the
+      long-lived set) one reclaim frees together (1 = independent random victims). Larger
+      values model reclaim of whole files and make free memory coalesce into larger blocks
+      (fewer, larger holes).
+    - ``zonelist`` (("Normal", "DMA32")): the zones the churn allocates from, in order; the DMA
+      zone is left alone as the kernel leaves it to GFP_DMA users.
+    """
+
+    occupancy: float = attrs.field(default=0.75, validator=_check_fraction)
+    pressure_occupancy: float = attrs.field(default=0.90, validator=_check_fraction)
+    pressure_interval: int = 50_000
+    pagecache_orders: tuple[float, ...] = attrs.field(
+        default=(0, 0, 0.1, 0.3, 0.3, 0.2, 0.1), converter=_order_weights, validator=_check_weights
+    )
+    short_orders: tuple[float, ...] = attrs.field(
+        default=(0.2, 0.05, 0.1, 0.2, 0.2, 0.15, 0.1),
+        converter=_order_weights,
+        validator=_check_weights,
+    )
+    long_fraction: float = attrs.field(default=0.5, validator=_check_fraction)
+    long_orders: tuple[float, ...] = attrs.field(
+        default=(0.9, 0.1), converter=_order_weights, validator=_check_weights
+    )
+    long_share: float = attrs.field(default=0.25, validator=_check_fraction)
+    free_batch: int = 1
+    zonelist: tuple[str, ...] = ("Normal", "DMA32")
+
+    def __attrs_post_init__(self) -> None:
+        if self.pressure_interval < 0:
+            raise ValueError(f"pressure_interval must be >= 0, not {self.pressure_interval}")
+        if self.free_batch < 1:
+            raise ValueError(f"free_batch must be >= 1, not {self.free_batch}")
+        if self.occupancy <= 0:
+            raise ValueError("occupancy must be positive")
+        if not self.zonelist:
+            raise ValueError("zonelist must name at least one zone")
+
+
+class Churn:
+    """Seeded background churn against one :class:`PageAllocator` (see the module docstring)."""
+
+    def __init__(
+        self, allocator: PageAllocator, seed: int, config: ChurnConfig = ChurnConfig()
+    ) -> None:
+        self.allocator = allocator
+        self.seed = seed
+        self.config = config
+        self.steps_done = 0
+        self.allocations_made = 0  # successful allocator.alloc calls
+        self.frees_made = 0  # allocator.free calls
+        self._rng = random.Random(seed)
+        self._short = array("q")
+        self._long = array("q")
+        self._short_pages = 0
+        self._long_pages = 0
+        ram = allocator.ram_pages
+        self._target = int(config.occupancy * ram)
+        self._peak = int(config.pressure_occupancy * ram)
+        self._long_cap = int(config.long_share * self._target)
+        self._short_cum = list(accumulate(config.short_orders))
+        self._long_cum = list(accumulate(config.long_orders))
+        self._pagecache_cum = list(accumulate(config.pagecache_orders))
+
+    # ------------------------------------------------------------------ public
+
+    @property
+    def live_pages(self) -> int:
+        """Pages the churn currently holds (short- and long-lived)."""
+        return self._short_pages + self._long_pages
+
+    @property
+    def long_lived_pages(self) -> int:
+        return self._long_pages
+
+    @property
+    def live_allocations(self) -> int:
+        return len(self._short) + len(self._long)
+
+    def allocations(self) -> Iterator[tuple[int, int]]:
+        """``(pfn, order)`` of every live churn allocation."""
+        for entries in (self._short, self._long):
+            for entry in entries:
+                yield entry >> _SHIFT, entry & _MASK
+
+    def run(self, steps: int, progress: Callable[[int, int], None] | None = None) -> None:
+        """Run ``steps`` steps, calling ``progress(done, steps)`` about every 1 % and at the end."""
+        if steps < 0:
+            raise ValueError(f"steps must be >= 0, not {steps}")
+        if progress is None:
+            self.step(steps)
+            return
+        chunk = max(1, steps // 100)
+        done = 0
+        while done < steps:
+            n = min(chunk, steps - done)
+            self.step(n)
+            done += n
+            progress(done, steps)
+
+    def step(self, n: int = 1) -> None:
+        """``n`` more steps (between simulator events: "background churn")."""
+        if n < 0:
+            raise ValueError(f"n must be >= 0, not {n}")
+        interval = self.config.pressure_interval
+        long_fraction = self.config.long_fraction
+        short_cum = self._short_cum
+        target = self._target
+        free_one = self._free_one
+        allocate = self._allocate
+        for _ in range(n):
+            if interval and self.steps_done % interval == 0:
+                self._pressure_episode()
+            allocate(short_cum, long_fraction, True)
+            while self._short_pages + self._long_pages > target:
+                free_one(False)
+            self.steps_done += 1
+
+    def clone(self, allocator: PageAllocator) -> Churn:
+        """The same churn (live allocations, RNG state, step count) bound to ``allocator``, which
+        must be a clone of this churn's allocator taken at the same moment."""
+        other = Churn.__new__(Churn)
+        other.allocator = allocator
+        other.seed = self.seed
+        other.config = self.config
+        other.steps_done = self.steps_done
+        other.allocations_made = self.allocations_made
+        other.frees_made = self.frees_made
+        other._rng = random.Random()
+        other._rng.setstate(self._rng.getstate())
+        other._short = array("q", self._short)
+        other._long = array("q", self._long)
+        other._short_pages = self._short_pages
+        other._long_pages = self._long_pages
+        other._target = self._target
+        other._peak = self._peak
+        other._long_cap = self._long_cap
+        other._short_cum = self._short_cum
+        other._long_cum = self._long_cum
+        other._pagecache_cum = self._pagecache_cum
+        return other
+
+    # ------------------------------------------------------------------ internals
+
+    def _pressure_episode(self) -> None:
+        """Page cache grows to the pressure peak (stopping early if memory runs out), then reclaim
+        evicts random short-lived allocations down to the occupancy target."""
+        peak = self._peak
+        while self._short_pages + self._long_pages < peak:
+            if not self._allocate(self._pagecache_cum, 0.0, False):
+                break
+        while self._short_pages + self._long_pages > self._target:
+            if not self._free_one(True):
+                break
+
+    def _allocate(self, short_cum: list[float], long_fraction: float, reclaim: bool) -> bool:
+        """One allocation: long-lived with probability ``long_fraction``, order from the matching
+        mix, falling back to lower orders; at order 0 with nothing free, reclaim one victim and
+        retry (``reclaim``) or give up and return False."""
+        rand = self._rng.random
+        if long_fraction and rand() < long_fraction:
+            is_long = True
+            cum = self._long_cum
+        else:
+            is_long = False
+            cum = short_cum
+        order = bisect.bisect_right(cum, rand() * cum[-1])
+        if order >= NR_ORDERS:  # rounding at the very top of the last weight
+            order = NR_ORDERS - 1
+        alloc = self.allocator.alloc
+        zonelist = self.config.zonelist
+        pfn = alloc(order, zonelist)
+        while pfn is None:
+            if order:
+                order -= 1
+            elif not reclaim or not self._free_one(False):
+                if reclaim:
+                    raise RuntimeError(
+                        "churn: no free page in its zonelist and no allocation of its own to free"
+                    )
+                return False
+            pfn = alloc(order, zonelist)
+        self.allocations_made += 1
+        if is_long:
+            self._long.append(pfn << _SHIFT | order)
+            self._long_pages += 1 << order
+        else:
+            self._short.append(pfn << _SHIFT | order)
+            self._short_pages += 1 << order
+        return True
+
+    def _free_one(self, short_only: bool) -> bool:
+        """Free one victim (``free_batch`` consecutive entries from a random index); False if the
+        churn holds nothing it may free."""
+        if not short_only and self._long and (self._long_pages > self._long_cap or not self._short):
+            entries = self._long
+            is_long = True
+        elif self._short:
+            entries = self._short
+            is_long = False
+        else:
+            return False
+        n = len(entries)
+        batch = self.config.free_batch
+        if batch == 1:
+            i = int(self._rng.random() * n)
+            entry = entries[i]
+            last = entries.pop()
+            if i < n - 1:
+                entries[i] = last
+            order = entry & _MASK
+            self.allocator.free(entry >> _SHIFT, order)
+            self.frees_made += 1
+            pages = 1 << order
+        else:
+            i = int(self._rng.random() * n)
+            end = min(i + batch, n)
+            width = end - i
+            free = self.allocator.free
+            pages = 0
+            for entry in entries[i:end]:
+                order = entry & _MASK
+                free(entry >> _SHIFT, order)
+                pages += 1 << order
+            moved = entries[max(end, n - width) : n]
+            entries[i : i + len(moved)] = moved
+            del entries[n - width :]
+            self.frees_made += width
+        if is_long:
+            self._long_pages -= pages
+        else:
+            self._short_pages -= pages
+        return True
