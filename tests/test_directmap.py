@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from pool.guest.directmap import PRIVATE, SHARED, DirectMap
-from pool.guest.units import GiB, MiB, PAGE_SIZE, PAGES_PER_1G, PAGES_PER_2M
+from pool.guest.units import PAGE_SIZE, PAGES_PER_1G, PAGES_PER_2M, GiB, MiB
 
 G = PAGES_PER_1G
 
@@ -114,7 +114,11 @@ def test_leaves_export_reflects_splits():
     leaves = list(dm.leaves())
     assert sum(leaf.npages for leaf in leaves) == 2 * G
     assert [(x.size, x.npages, x.attr) for x in leaves[:4]] == [
-        ("1G", G, 0), ("4k", 1, 0), ("4k", 1, 1), ("4k", PAGES_PER_2M - 2, 0)]
+        ("1G", G, 0),
+        ("4k", 1, 0),
+        ("4k", 1, 1),
+        ("4k", PAGES_PER_2M - 2, 0),
+    ]
 
 
 class DirectMapMachine(RuleBasedStateMachine):
@@ -127,15 +131,19 @@ class DirectMapMachine(RuleBasedStateMachine):
         self.ram = [(0, G + 1000), (2 * G - 777, 3 * G)]
         self.shadow = np.zeros(3 * G, dtype=np.uint8)
 
-    @rule(region=st.integers(0, 1), offset=st.integers(0, 2**20), length=st.integers(1, 3 * 2**18),
-          attr=st.sampled_from([PRIVATE, SHARED]))
+    @rule(
+        region=st.integers(0, 1),
+        offset=st.integers(0, 2**20),
+        length=st.integers(1, 3 * 2**18),
+        attr=st.sampled_from([PRIVATE, SHARED]),
+    )
     def change_range(self, region, offset, length, attr):
         lo, hi = self.ram[region]
         start = lo + offset % (hi - lo)
         n = min(length, hi - start)
         before = self.dm.splits()
         self.dm.set_range(start, n, attr)
-        self.shadow[start:start + n] = attr
+        self.shadow[start : start + n] = attr
         after = self.dm.splits()
         assert after.level2 >= before.level2 and after.level3 >= before.level3
 
@@ -153,6 +161,7 @@ class DirectMapMachine(RuleBasedStateMachine):
         assert (self.dm.attr[: 3 * G][ram] == self.shadow[ram]).all()
 
 
-DirectMapMachine.TestCase.settings = settings(max_examples=30, stateful_step_count=15,
-                                              deadline=None)
+DirectMapMachine.TestCase.settings = settings(
+    max_examples=30, stateful_step_count=15, deadline=None
+)
 TestDirectMapMachine = DirectMapMachine.TestCase

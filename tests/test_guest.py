@@ -18,7 +18,7 @@ from pool.guest import (
     Guest,
     GuestConfig,
 )
-from pool.guest.units import GiB, MiB, PAGES_PER_2M
+from pool.guest.units import PAGES_PER_2M, GiB, MiB
 
 
 def small(**kw) -> Guest:
@@ -48,7 +48,7 @@ def test_decrypting_an_order10_block_converts_once_and_splits_only_its_1g_leaf()
     s = g.stats
     assert (s.direct_map_level3_splits, s.direct_map_level2_splits) == (1, 0)
     assert s.cache_flushed_pages == 1024 and s.tlb_flushes == 2 + 1  # before, after, split
-    assert (g.platform.state[pfn:pfn + 1024] == PAGE_SHARED).all()
+    assert (g.platform.state[pfn : pfn + 1024] == PAGE_SHARED).all()
     assert g.hazards().private_alias_to_shared == 0
     r = g.set_memory_encrypted(pfn, 1024)
     assert r.ok and s.pages_accepted == 1024 and s.accept_calls_2m == 2
@@ -98,7 +98,7 @@ def test_free_refuses_shared_and_unknown_pages():
         g.free_pages(a, 4)
     r = g.set_memory_decrypted(b, 16)  # the 2nd MapGPA fails
     assert not r.ok and r.unknown_pages == 16
-    assert (g.platform.state[b:b + 16] == PAGE_UNKNOWN).all()
+    assert (g.platform.state[b : b + 16] == PAGE_UNKNOWN).all()
     with pytest.raises(ValueError, match="not private"):
         g.free_pages(b, 4)
     assert g.hazards().unknown_state_pages == 16
@@ -111,8 +111,8 @@ def test_failed_reencryption_keeps_the_shared_mapping_and_unknown_pages():
     g.set_memory_decrypted(a, 4)
     r = g.set_memory_encrypted(a, 4)
     assert not r.ok
-    assert (g.direct_map.attr[a:a + 4] == 1).all()  # vmm_fail: page tables untouched
-    assert (g.platform.state[a:a + 4] == PAGE_UNKNOWN).all()
+    assert (g.direct_map.attr[a : a + 4] == 1).all()  # vmm_fail: page tables untouched
+    assert (g.platform.state[a : a + 4] == PAGE_UNKNOWN).all()
     assert g.hazards().private_alias_to_shared == 0  # never a private mapping to a shared page
 
 
@@ -143,7 +143,9 @@ def test_clone_is_independent_and_deterministic():
     assert c.platform.state[b] == PAGE_PRIVATE and c.stats.hypercalls == 0
     g2 = small()
     g2.age(5_000)
-    assert [z.nr_free for z in g2.zone_reports()] == [z.nr_free for z in small_aged().zone_reports()]
+    assert [z.nr_free for z in g2.zone_reports()] == [
+        z.nr_free for z in small_aged().zone_reports()
+    ]
 
 
 def small_aged() -> Guest:
@@ -164,22 +166,42 @@ def test_cost_profile_override_and_errors(tmp_path: Path):
         CostProfile.load("tdx", f)
 
 
-@pytest.mark.parametrize("kw,match", [
-    ({"memory_bytes": 1000}, "multiple of 4 MiB"),
-    ({"platform": "sev"}, "unknown platform"),
-    ({"hole": (5, 3)}, "hole"),
-])
+@pytest.mark.parametrize(
+    "kw,match",
+    [
+        ({"memory_bytes": 1000}, "multiple of 4 MiB"),
+        ({"platform": "sev"}, "unknown platform"),
+        ({"hole": (5, 3)}, "hole"),
+    ],
+)
 def test_config_errors_are_clear(kw, match):
     with pytest.raises(ValueError, match=match):
         GuestConfig(**kw)
 
 
 def test_demo_command_prints_the_report():
-    out = subprocess.run([sys.executable, "-m", "pool.guest", "demo", "--guest-memory", "1GiB",
-                          "--age-steps", "2000"], capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pool.guest",
+            "demo",
+            "--guest-memory",
+            "1GiB",
+            "--age-steps",
+            "2000",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     assert "Node 0, zone   Normal" in out.stdout or "Node 0, zone    DMA32" in out.stdout
     assert "DirectMap4k:" in out.stdout and "after 2,000 churn steps" in out.stdout
-    bad = subprocess.run([sys.executable, "-m", "pool.guest", "demo", "--guest-memory", "lots"],
-                         capture_output=True, text=True, timeout=60)
+    bad = subprocess.run(
+        [sys.executable, "-m", "pool.guest", "demo", "--guest-memory", "lots"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert bad.returncode == 2 and "not a size" in bad.stderr and "Traceback" not in bad.stderr

@@ -37,8 +37,12 @@ def test_mapgpa_ok_first_time_is_one_hypercall():
 
 def test_mapgpa_retry_with_progress_resets_the_count():
     # Four retries, each with progress: never three without progress, so it succeeds.
-    answers = [HostAnswer("retry", 1001), HostAnswer("retry", 1002), HostAnswer("retry", 1003),
-               HostAnswer("retry", 1004)]
+    answers = [
+        HostAnswer("retry", 1001),
+        HostAnswer("retry", 1002),
+        HostAnswer("retry", 1003),
+        HostAnswer("retry", 1004),
+    ]
     p, host, _ = _tdx(answers)
     r = p.convert([(1000, 16)], to_shared=True)
     assert r.ok and r.hypercalls == 5
@@ -48,7 +52,7 @@ def test_mapgpa_retry_with_progress_resets_the_count():
 
 def test_mapgpa_three_retries_without_progress_fail():
     stall = HostAnswer("retry", 1000)
-    p, host, stats = _tdx([stall, stall, stall])
+    p, _host, stats = _tdx([stall, stall, stall])
     r = p.convert([(1000, 16)], to_shared=True)
     assert not r.ok and r.hypercalls == 3 and stats.conversion_failures == 1
     assert (p.state[1000:1016] == PAGE_UNKNOWN).all()

@@ -40,8 +40,12 @@ def _demo(args: argparse.Namespace) -> int:
     config = GuestConfig(memory_bytes=args.guest_memory, platform=args.platform, seed=args.seed)
     t0 = time.perf_counter()
     guest = Guest(config)
-    print(render(guest.report(), f"pristine {args.guest_memory >> 30} GiB {args.platform} guest "
-                 f"(seed {args.seed})"))
+    print(
+        render(
+            guest.report(),
+            f"pristine {args.guest_memory >> 30} GiB {args.platform} guest (seed {args.seed})",
+        )
+    )
     guest.age(args.age_steps, progress_printer("aging"))
     print()
     print(render(guest.report(), f"after {args.age_steps:,} churn steps"))
@@ -52,17 +56,29 @@ def _demo(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m pool.guest",
-        description="The simulated confidential guest: page allocator, direct map, conversions.")
+        description="The simulated confidential guest: page allocator, direct map, conversions.",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="report a default guest before and after aging",
-                          description="Build a guest, print buddyinfo, fragmentation indexes and "
-                                      "the direct map; age it; print them again.")
-    demo.add_argument("--guest-memory", type=size_arg, default=parse_size("16GiB"),
-                      help="guest RAM (default 16GiB; a 3-4 GiB PCI hole is modeled)")
+    demo = sub.add_parser(
+        "demo",
+        help="report a default guest before and after aging",
+        description="Build a guest, print buddyinfo, fragmentation indexes and "
+        "the direct map; age it; print them again.",
+    )
+    demo.add_argument(
+        "--guest-memory",
+        type=size_arg,
+        default=parse_size("16GiB"),
+        help="guest RAM (default 16GiB; a 3-4 GiB PCI hole is modeled)",
+    )
     demo.add_argument("--platform", choices=("tdx", "snp", "none"), default="tdx")
     demo.add_argument("--seed", type=int, default=1)
-    demo.add_argument("--age-steps", type=int, default=1_000_000,
-                      help="background churn steps (default 1,000,000; 0 = pristine)")
+    demo.add_argument(
+        "--age-steps",
+        type=int,
+        default=1_000_000,
+        help="background churn steps (default 1,000,000; 0 = pristine)",
+    )
     demo.set_defaults(func=_demo)
     return parser
 

@@ -31,7 +31,9 @@ class CostProfile:
     def load(cls, platform: str, path: str | Path | None = None) -> CostProfile:
         """The profile for `platform`: the shipped defaults, overridden key by key by `path`."""
         if platform not in PLATFORMS:
-            raise ValueError(f"unknown platform {platform!r}: expected one of {', '.join(PLATFORMS)}")
+            raise ValueError(
+                f"unknown platform {platform!r}: expected one of {', '.join(PLATFORMS)}"
+            )
         text = resources.files("pool.guest").joinpath("costs.toml").read_text()
         table = dict(tomllib.loads(text)[platform])
         if path is not None:

@@ -15,6 +15,7 @@ attribute is the attribute of its first page.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator, Sequence
 
 import attrs
@@ -67,13 +68,14 @@ class DirectMap:
         self.attr = np.zeros(n2m * PAGES_PER_2M, dtype=np.uint8)
         ram_per_2m = self.ram.reshape(n2m, PAGES_PER_2M).sum(axis=1)
         self._ram_per_2m = ram_per_2m
-        self.level = np.where(ram_per_2m == PAGES_PER_2M, LEAF_2M,
-                              np.where(ram_per_2m == 0, NO_RAM, LEAF_4K)).astype(np.uint8)
+        self.level = np.where(
+            ram_per_2m == PAGES_PER_2M, LEAF_2M, np.where(ram_per_2m == 0, NO_RAM, LEAF_4K)
+        ).astype(np.uint8)
         padded = np.full(n1g * 512, NO_RAM, dtype=np.uint8)
         padded[:n2m] = self.level
         self.is_1g = (padded.reshape(n1g, 512) == LEAF_2M).all(axis=1).astype(np.uint8)
         for g in np.flatnonzero(self.is_1g):
-            self.level[g * 512:(g + 1) * 512] = IN_1G
+            self.level[g * 512 : (g + 1) * 512] = IN_1G
         self.ram_pages = int(self.ram.sum())
         self.level2_splits = 0
         self.level3_splits = 0
@@ -90,8 +92,11 @@ class DirectMap:
 
     def bytes_by_size(self) -> dict[str, int]:
         """DirectMap4k / DirectMap2M / DirectMap1G of /proc/meminfo, in bytes."""
-        return {"4k": self.n4k * PAGE_SIZE, "2M": self.n2m * PAGES_PER_2M * PAGE_SIZE,
-                "1G": self.n1g * PAGES_PER_1G * PAGE_SIZE}
+        return {
+            "4k": self.n4k * PAGE_SIZE,
+            "2M": self.n2m * PAGES_PER_2M * PAGE_SIZE,
+            "1G": self.n1g * PAGES_PER_1G * PAGE_SIZE,
+        }
 
     def leaf_size_of(self, pfn: int) -> str:
         if not self.ram[pfn]:
@@ -129,13 +134,13 @@ class DirectMap:
             if level == LEAF_2M:
                 yield start, PAGES_PER_2M, 1, int(self.attr[start])
             elif level == LEAF_4K:
-                ram = self.ram[start:start + PAGES_PER_2M]
-                attr = self.attr[start:start + PAGES_PER_2M]
+                ram = self.ram[start : start + PAGES_PER_2M]
+                attr = self.attr[start : start + PAGES_PER_2M]
                 # runs of RAM pages with the same attribute
                 key = np.where(ram, attr.astype(np.int16), -1)
                 edges = np.flatnonzero(np.diff(key)) + 1
                 bounds = [0, *edges.tolist(), PAGES_PER_2M]
-                for a, b in zip(bounds, bounds[1:], strict=False):
+                for a, b in itertools.pairwise(bounds):
                     if key[a] >= 0:
                         yield start + a, b - a, 0, int(key[a])
             m += 1
@@ -147,7 +152,7 @@ class DirectMap:
 
     def _split_1g(self, g: int) -> None:
         self.is_1g[g] = 0
-        self.level[g * 512:(g + 1) * 512] = LEAF_2M
+        self.level[g * 512 : (g + 1) * 512] = LEAF_2M
         self.n1g -= 1
         self.n2m += 512
         self.level3_splits += 1
@@ -161,7 +166,7 @@ class DirectMap:
     def _check_ram(self, start: int, npages: int) -> None:
         if npages <= 0 or start < 0 or start + npages > self.end_pfn:
             raise ValueError(f"range [{start:#x}, +{npages}) outside the guest's memory")
-        if not self.ram[start:start + npages].all():
+        if not self.ram[start : start + npages].all():
             raise ValueError(f"range [{start:#x}, +{npages}) includes pages that are not RAM")
 
     def set_range(self, start: int, npages: int, attr: int) -> SplitCounts:
@@ -248,9 +253,9 @@ class DirectMap:
         regions_4k = int(np.count_nonzero(self.level == LEAF_4K))
         assert regions_4k - self._boot_4k_regions == self.level2_splits, "level-2 counter drifted"
         for g in np.flatnonzero(self.is_1g).tolist():
-            block = self.attr[g << _SHIFT_1G:(g + 1) << _SHIFT_1G]
+            block = self.attr[g << _SHIFT_1G : (g + 1) << _SHIFT_1G]
             assert (block == block[0]).all(), f"1G leaf {g} not uniform"
-            assert (self.level[g * 512:(g + 1) * 512] == IN_1G).all()
+            assert (self.level[g * 512 : (g + 1) * 512] == IN_1G).all()
         leaves_2m = np.flatnonzero(self.level == LEAF_2M)
         if len(leaves_2m):
             blocks = self.attr.reshape(-1, PAGES_PER_2M)[leaves_2m]

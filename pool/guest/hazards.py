@@ -31,8 +31,10 @@ class HazardReport:
     unknown_state_pages: int = 0
 
     def as_json(self) -> dict[str, int]:
-        return {"private_alias_to_shared": self.private_alias_to_shared,
-                "shared_alias_to_private": self.shared_alias_to_private}
+        return {
+            "private_alias_to_shared": self.private_alias_to_shared,
+            "shared_alias_to_private": self.shared_alias_to_private,
+        }
 
 
 def _masks(guest: Guest) -> tuple[npt.NDArray[np.bool_], npt.NDArray[np.bool_]]:

@@ -42,7 +42,7 @@ from pool.guest.platform import (
     SimulatedHost,
 )
 from pool.guest.stats import Counts, GuestStats
-from pool.guest.units import GiB, MiB, NR_ORDERS, PAGE_SHIFT, PAGE_SIZE, PAGES_PER_2M
+from pool.guest.units import NR_ORDERS, PAGE_SHIFT, PAGE_SIZE, PAGES_PER_2M, GiB, MiB
 from pool.guest.vmalloc import VmallocSpace, VmArea, runs_of
 from pool.guest.workload import Churn, ChurnConfig
 
@@ -65,16 +65,17 @@ class GuestConfig:
     platform: str = "tdx"
     seed: int = 1
     cost_profile: str | None = None
-    faults: FaultPlan = FaultPlan()
-    churn: ChurnConfig = ChurnConfig()
+    faults: FaultPlan = attrs.Factory(FaultPlan)
+    churn: ChurnConfig = attrs.Factory(ChurnConfig)
     reserved: tuple[tuple[int, int], ...] = ((0, 1 * MiB), (16 * MiB, 64 * MiB))
     boot_splits: tuple[int, ...] | None = None
     boot_scatter_splits: int = 4
 
     def __attrs_post_init__(self) -> None:
         if self.memory_bytes < 16 * MiB or self.memory_bytes % (4 * MiB):
-            raise ValueError(f"guest memory must be a multiple of 4 MiB and at least 16 MiB: "
-                             f"{self.memory_bytes}")
+            raise ValueError(
+                f"guest memory must be a multiple of 4 MiB and at least 16 MiB: {self.memory_bytes}"
+            )
         if self.hole is not None:
             lo, hi = self.hole
             if not (0 < lo < hi and lo % (2 * MiB) == 0 and hi % (2 * MiB) == 0):
@@ -110,7 +111,9 @@ class GuestReport:
     hazards: hazards.HazardReport
 
 
-def _subtract(ram: list[tuple[int, int]], holes: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+def _subtract(
+    ram: list[tuple[int, int]], holes: Sequence[tuple[int, int]]
+) -> list[tuple[int, int]]:
     out = list(ram)
     for hs, he in holes:
         nxt = []
@@ -145,8 +148,9 @@ class Guest:
         for pfn in self._boot_split_pfns(ram, reserved):
             self.direct_map.boot_split(pfn)
 
-    def _boot_split_pfns(self, ram: list[tuple[int, int]],
-                         reserved: list[tuple[int, int]]) -> list[int]:
+    def _boot_split_pfns(
+        self, ram: list[tuple[int, int]], reserved: list[tuple[int, int]]
+    ) -> list[int]:
         if self.config.boot_splits is not None:
             return list(self.config.boot_splits)
         pfns = [0]  # the first 2 MiB: real-mode trampoline, BIOS areas
@@ -186,10 +190,14 @@ class Guest:
         unknown state must be leaked, never returned (CVE-2024-36911)."""
         n = 1 << order
         if self.platform.encrypts:
-            state = self.platform.state[pfn:pfn + n]
-            if (state != PAGE_PRIVATE).any() or (self.direct_map.attr[pfn:pfn + n] != PRIVATE).any():
-                raise ValueError(f"refusing to free pfn {pfn:#x} order {order}: pages not private "
-                                 "(shared or of unknown state must be re-encrypted or leaked)")
+            state = self.platform.state[pfn : pfn + n]
+            if (state != PAGE_PRIVATE).any() or (
+                self.direct_map.attr[pfn : pfn + n] != PRIVATE
+            ).any():
+                raise ValueError(
+                    f"refusing to free pfn {pfn:#x} order {order}: pages not private "
+                    "(shared or of unknown state must be re-encrypted or leaked)"
+                )
         self.allocator.free(pfn, order)
 
     def free_page_list(self, pfns: npt.NDArray[np.int64]) -> None:
@@ -202,7 +210,7 @@ class Guest:
         """Clear pages (vzalloc / __GFP_ZERO): nobody sees a previous owner's data."""
         n = 0
         for start, npages in runs:
-            self.content[start:start + npages] = 0
+            self.content[start : start + npages] = 0
             n += npages
         self.stats.pages_zeroed += n
         self.stats.modeled_zeroing_seconds += n * self.costs.zero_page_seconds
@@ -213,7 +221,7 @@ class Guest:
             self.content[pfns] = tag
         else:
             for start, npages in pfns:
-                self.content[start:start + npages] = tag
+                self.content[start : start + npages] = tag
 
     # ---- conversions ------------------------------------------------------------
 
@@ -231,10 +239,13 @@ class Guest:
         s.direct_map_level3_splits += splits.level3
         s.page_table_pages += n
         s.tlb_flushes += n
-        s.modeled_conversion_seconds += n * (self.costs.split_seconds + self.costs.tlb_flush_seconds)
+        s.modeled_conversion_seconds += n * (
+            self.costs.split_seconds + self.costs.tlb_flush_seconds
+        )
 
-    def _convert(self, runs: Runs, to_shared: bool,
-                 change_tables: Callable[[], SplitCounts]) -> ConversionResult:
+    def _convert(
+        self, runs: Runs, to_shared: bool, change_tables: Callable[[], SplitCounts]
+    ) -> ConversionResult:
         npages = sum(n for _, n in runs)
         if not self.platform.encrypts:
             return ConversionResult(True, npages, 0, 0.0)
@@ -257,19 +268,25 @@ class Guest:
         assert result is not None
         return self._result(result, before, calls_before)
 
-    def _result(self, result: ConversionResult, seconds_before: float,
-                calls_before: int) -> ConversionResult:
-        return attrs.evolve(result, hypercalls=self.stats.hypercalls - calls_before,
-                            modeled_seconds=self.stats.modeled_conversion_seconds - seconds_before)
+    def _result(
+        self, result: ConversionResult, seconds_before: float, calls_before: int
+    ) -> ConversionResult:
+        return attrs.evolve(
+            result,
+            hypercalls=self.stats.hypercalls - calls_before,
+            modeled_seconds=self.stats.modeled_conversion_seconds - seconds_before,
+        )
 
     def set_memory_decrypted(self, pfn: int, npages: int) -> ConversionResult:
         """set_memory_decrypted() on a direct-map range: one MapGPA for the contiguous range."""
-        return self._convert([(pfn, npages)], True,
-                             lambda: self.direct_map.set_range(pfn, npages, SHARED))
+        return self._convert(
+            [(pfn, npages)], True, lambda: self.direct_map.set_range(pfn, npages, SHARED)
+        )
 
     def set_memory_encrypted(self, pfn: int, npages: int) -> ConversionResult:
-        return self._convert([(pfn, npages)], False,
-                             lambda: self.direct_map.set_range(pfn, npages, PRIVATE))
+        return self._convert(
+            [(pfn, npages)], False, lambda: self.direct_map.set_range(pfn, npages, PRIVATE)
+        )
 
     def vmap(self, pfns: npt.NDArray[np.int64], shared: bool) -> VmArea:
         """Map pages into the vmalloc space (vmap with pgprot_decrypted when shared)."""
@@ -292,13 +309,17 @@ class Guest:
         result = self._convert(runs, attr == SHARED, tables)
         return (holder[0] if holder else self.vmalloc.areas.get(area.id, area)), result
 
-    def set_vmalloc_decrypted(self, area: VmArea, alias: bool = True) -> tuple[VmArea, ConversionResult]:
+    def set_vmalloc_decrypted(
+        self, area: VmArea, alias: bool = True
+    ) -> tuple[VmArea, ConversionResult]:
         """set_memory_decrypted() on a vmalloc address. alias=True also converts each page's
         direct-map alias (the kernel's default); alias=False leaves them private (the
         original 2022 patch: the private aliases then point at shared pages)."""
         return self._set_vmalloc(area, SHARED, alias)
 
-    def set_vmalloc_encrypted(self, area: VmArea, alias: bool = True) -> tuple[VmArea, ConversionResult]:
+    def set_vmalloc_encrypted(
+        self, area: VmArea, alias: bool = True
+    ) -> tuple[VmArea, ConversionResult]:
         return self._set_vmalloc(area, PRIVATE, alias)
 
     # ---- reading ----------------------------------------------------------------
@@ -310,15 +331,24 @@ class Guest:
         out = []
         for zone in self.zones:
             nr = self.allocator.nr_free(zone.name)
-            out.append(ZoneReport(zone.name, tuple(nr),
-                                  tuple(fragmentation_index(nr, k) for k in range(NR_ORDERS)),
-                                  tuple(unusable_free_index(nr, k) for k in range(NR_ORDERS))))
+            out.append(
+                ZoneReport(
+                    zone.name,
+                    tuple(nr),
+                    tuple(fragmentation_index(nr, k) for k in range(NR_ORDERS)),
+                    tuple(unusable_free_index(nr, k) for k in range(NR_ORDERS)),
+                )
+            )
         return tuple(out)
 
     def report(self, with_hazards: bool = True) -> GuestReport:
-        return GuestReport(self.zone_reports(), self.allocator.free_pages(),
-                           self.direct_map.bytes_by_size(), self.stats.snapshot(),
-                           self.hazards() if with_hazards else hazards.HazardReport())
+        return GuestReport(
+            self.zone_reports(),
+            self.allocator.free_pages(),
+            self.direct_map.bytes_by_size(),
+            self.stats.snapshot(),
+            self.hazards() if with_hazards else hazards.HazardReport(),
+        )
 
     def check_invariants(self) -> None:
         """Raise AssertionError if the machine is inconsistent: the allocator's and the direct
@@ -330,13 +360,14 @@ class Guest:
         for zone in self.zones:
             for order in range(NR_ORDERS):
                 for pfn in self.allocator.free_blocks(zone.name, order):
-                    free[pfn:pfn + (1 << order)] = True
+                    free[pfn : pfn + (1 << order)] = True
         assert int(free.sum()) == self.allocator.free_pages(), "free-list count != free pages"
-        assert not (free & ~self.direct_map.ram[:self.end_pfn]).any(), "free page outside RAM"
+        assert not (free & ~self.direct_map.ram[: self.end_pfn]).any(), "free page outside RAM"
         if self.platform.encrypts:
             assert (self.platform.state[free] == PAGE_PRIVATE).all(), "a free page is not private"
-            assert (self.direct_map.attr[:self.end_pfn][free] == PRIVATE).all(), \
+            assert (self.direct_map.attr[: self.end_pfn][free] == PRIVATE).all(), (
                 "a free page is mapped shared in the direct map"
+            )
         for area in self.vmalloc:
             assert not free[area.pfns].any(), f"vmalloc area {area.id} maps a free page"
         s = self.stats

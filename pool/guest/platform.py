@@ -82,7 +82,9 @@ class FaultPlan:
         if not 0.0 <= self.failure_rate <= 1.0 or not 0.0 <= self.retry_rate <= 1.0:
             raise ValueError("failure_rate and retry_rate must be within [0, 1]")
         if self.direction not in ("any", "to_shared", "to_private"):
-            raise ValueError(f"fault direction must be any, to_shared or to_private: {self.direction!r}")
+            raise ValueError(
+                f"fault direction must be any, to_shared or to_private: {self.direction!r}"
+            )
 
 
 @attrs.define
@@ -100,8 +102,10 @@ class SimulatedHost:
         self.calls += 1
         plan = self.faults
         eligible = plan.direction == "any" or (plan.direction == "to_shared") == to_shared
-        if eligible and (self.calls in plan.fail_calls
-                         or (plan.failure_rate and self.rng.random() < plan.failure_rate)):
+        if eligible and (
+            self.calls in plan.fail_calls
+            or (plan.failure_rate and self.rng.random() < plan.failure_rate)
+        ):
             return ERROR
         if npages > 1 and plan.retry_rate and self.rng.random() < plan.retry_rate:
             return HostAnswer("retry", start_pfn + self.rng.randrange(1, npages))
@@ -151,8 +155,9 @@ class ConversionResult:
 class Platform:
     """Per-page private/shared/unknown state and the conversion calls of one platform."""
 
-    def __init__(self, name: str, end_pfn: int, stats: GuestStats, costs: CostProfile,
-                 host: Host) -> None:
+    def __init__(
+        self, name: str, end_pfn: int, stats: GuestStats, costs: CostProfile, host: Host
+    ) -> None:
         if name not in ("none", "tdx", "snp"):
             raise ValueError(f"unknown platform {name!r}: expected none, tdx or snp")
         self.name = name
@@ -184,11 +189,16 @@ class Platform:
         pages = sum(n for _, n in runs)
         if not ok:
             self.stats.conversion_failures += 1
-        return ConversionResult(ok, pages, self.stats.hypercalls - before_calls,
-                                self.stats.modeled_conversion_seconds - before_seconds, unknown)
+        return ConversionResult(
+            ok,
+            pages,
+            self.stats.hypercalls - before_calls,
+            self.stats.modeled_conversion_seconds - before_seconds,
+            unknown,
+        )
 
     def _set(self, start: int, npages: int, to_shared: bool) -> None:
-        self.state[start:start + npages] = PAGE_SHARED if to_shared else PAGE_PRIVATE
+        self.state[start : start + npages] = PAGE_SHARED if to_shared else PAGE_PRIVATE
         self.stats.pages_converted += npages
         if to_shared:
             self.stats.pages_to_shared += npages
@@ -206,8 +216,9 @@ class Platform:
         s.accept_calls_2m += n2m
         s.accept_calls_4k += n4k
         s.pages_accepted += npages
-        s.modeled_conversion_seconds += (n1g * c.accept_1g_seconds + n2m * c.accept_2m_seconds
-                                         + n4k * c.accept_4k_seconds)
+        s.modeled_conversion_seconds += (
+            n1g * c.accept_1g_seconds + n2m * c.accept_2m_seconds + n4k * c.accept_4k_seconds
+        )
 
     def _map_gpa(self, start: int, npages: int, to_shared: bool) -> bool:
         """tdx_map_gpa(): False when the host errs, answers out of range, or stalls 3 times."""
@@ -230,7 +241,7 @@ class Platform:
     def _convert_tdx(self, runs: Sequence[tuple[int, int]], to_shared: bool) -> tuple[bool, int]:
         for start, npages in runs:
             if not self._map_gpa(start, npages, to_shared):
-                self.state[start:start + npages] = PAGE_UNKNOWN
+                self.state[start : start + npages] = PAGE_UNKNOWN
                 return False, npages
             self._set(start, npages, to_shared)
             if not to_shared:
@@ -247,12 +258,12 @@ class Platform:
                 entries.append((p, size))
                 p += size
         for i in range(0, len(entries), SNP_PSC_ENTRIES):
-            batch = entries[i:i + SNP_PSC_ENTRIES]
+            batch = entries[i : i + SNP_PSC_ENTRIES]
             self._charge_hypercall()
             answer = self.host.map_gpa(batch[0][0], sum(n for _, n in batch), to_shared)
             if answer.status != "ok":
                 for p, n in batch:
-                    self.state[p:p + n] = PAGE_UNKNOWN
+                    self.state[p : p + n] = PAGE_UNKNOWN
                 return False, sum(n for _, n in batch)
             for p, n in batch:
                 self._set(p, n, to_shared)
@@ -260,7 +271,10 @@ class Platform:
                 self.stats.accept_calls_2m += n == PAGES_PER_2M
                 self.stats.accept_calls_4k += n == 1
                 self.stats.modeled_conversion_seconds += (
-                    self.costs.accept_2m_seconds if n == PAGES_PER_2M else self.costs.accept_4k_seconds)
+                    self.costs.accept_2m_seconds
+                    if n == PAGES_PER_2M
+                    else self.costs.accept_4k_seconds
+                )
                 if not to_shared:
                     self.stats.pages_accepted += n
         return True, 0

@@ -21,9 +21,11 @@ def render(report: GuestReport, title: str) -> str:
     for size in ("4k", "2M", "1G"):
         lines.append(f"DirectMap{size}: {dm[size] // 1024:>12} kB  ({format_size(dm[size])})")
     c = report.counts
-    lines.append(f"-- free: {format_size(report.free_pages * 4096)}; "
-                 f"splits level2={c.direct_map_level2_splits} level3={c.direct_map_level3_splits}; "
-                 f"hypercalls={c.hypercalls}; hazards: "
-                 f"private_alias_to_shared={report.hazards.private_alias_to_shared} "
-                 f"shared_alias_to_private={report.hazards.shared_alias_to_private}")
+    lines.append(
+        f"-- free: {format_size(report.free_pages * 4096)}; "
+        f"splits level2={c.direct_map_level2_splits} level3={c.direct_map_level3_splits}; "
+        f"hypercalls={c.hypercalls}; hazards: "
+        f"private_alias_to_shared={report.hazards.private_alias_to_shared} "
+        f"shared_alias_to_private={report.hazards.shared_alias_to_private}"
+    )
     return "\n".join(lines)

@@ -37,12 +37,14 @@ class Counts:
     modeled_zeroing_seconds: float = 0.0
 
     def __sub__(self, other: Counts) -> Counts:
-        return Counts(**{f.name: getattr(self, f.name) - getattr(other, f.name)
-                         for f in attrs.fields(Counts)})
+        return Counts(
+            **{f.name: getattr(self, f.name) - getattr(other, f.name) for f in attrs.fields(Counts)}
+        )
 
     def __add__(self, other: Counts) -> Counts:
-        return Counts(**{f.name: getattr(self, f.name) + getattr(other, f.name)
-                         for f in attrs.fields(Counts)})
+        return Counts(
+            **{f.name: getattr(self, f.name) + getattr(other, f.name) for f in attrs.fields(Counts)}
+        )
 
     def as_compare_json(self) -> dict[str, Any]:
         """The COUNTS object of DESIGN.md section 4 (`compare --json`), plus extra keys."""
@@ -52,8 +54,10 @@ class Counts:
             "pages_accepted": self.pages_accepted,
             "tlb_flushes": self.tlb_flushes,
             "cache_flushed_pages": self.cache_flushed_pages,
-            "direct_map_splits": {"level2": self.direct_map_level2_splits,
-                                  "level3": self.direct_map_level3_splits},
+            "direct_map_splits": {
+                "level2": self.direct_map_level2_splits,
+                "level3": self.direct_map_level3_splits,
+            },
             "modeled_conversion_seconds": round(self.modeled_conversion_seconds, 9),
             "page_table_pages": self.page_table_pages,
             "conversion_failures": self.conversion_failures,

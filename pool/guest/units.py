@@ -14,13 +14,27 @@ KiB = 1 << 10
 MiB = 1 << 20
 GiB = 1 << 30
 
-_UNITS = {"": 1, "b": 1, "k": KiB, "kib": KiB, "kb": KiB, "m": MiB, "mib": MiB, "mb": MiB,
-          "g": GiB, "gib": GiB, "gb": GiB, "t": 1 << 40, "tib": 1 << 40, "tb": 1 << 40}
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": KiB,
+    "kib": KiB,
+    "kb": KiB,
+    "m": MiB,
+    "mib": MiB,
+    "mb": MiB,
+    "g": GiB,
+    "gib": GiB,
+    "gb": GiB,
+    "t": 1 << 40,
+    "tib": 1 << 40,
+    "tb": 1 << 40,
+}
 _SIZE = re.compile(r"^\s*(\d+)\s*([a-zA-Z]*)\s*$")
 
 
 def parse_size(text: str | int) -> int:
-    """Parse '16GiB', '4M', '4096' into bytes (binary units: the kernel's K, M and G are 2^10 multiples)."""
+    """Parse '16GiB', '4M', '4096' into bytes (binary units, as the kernel's K, M, G)."""
     if isinstance(text, int):
         if text < 0:
             raise ValueError(f"size must not be negative: {text}")
