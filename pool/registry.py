@@ -12,7 +12,7 @@ DESCRIPTIONS = {
     "pool": "option 3: chunks of order 10/9 decrypted once, buffers served from them",
     "pool-boot": "option 3 with a 1 GiB-aligned region reserved and decrypted at boot (no split)",
     "vmalloc-alias": "vzalloc + decrypt the vmalloc mapping only (direct-map aliases stay private; "
-                     "option 1 accepts that fatal hazard by not using load_unaligned_zeropad)",
+    "option 1 accepts that fatal hazard by not using load_unaligned_zeropad)",
     "vmalloc-directmap": "vzalloc + decrypt with the direct-map aliases (the kernel's default)",
     "swiotlb": "option 2: allocate from the bounce pool decrypted at boot (max 256 KiB a piece)",
     "atomic-pool": "kernel/dma/pool.c: genalloc over <= 4 MiB chunks, doubling, never shrinks",

@@ -68,16 +68,24 @@ class Buffer:
         if len(self.ranges) == 1:
             r = self.ranges[0]
             return np.arange(r.start, r.start + r.npages, dtype=np.int64)
-        return np.concatenate([np.arange(r.start, r.start + r.npages, dtype=np.int64)
-                               for r in self.ranges])
+        return np.concatenate(
+            [np.arange(r.start, r.start + r.npages, dtype=np.int64) for r in self.ranges]
+        )
 
     def runs(self) -> list[tuple[int, int]]:
         return [(r.start, r.npages) for r in self.ranges]
 
     def as_json(self) -> dict[str, Any]:
-        return {"id": self.id, "size": self.size, "owner": self.owner, "purpose": self.purpose,
-                "npages": self.npages, "va": self.va, "gpadl_messages": self.gpadl_messages,
-                "pfn_ranges": [[r.start, r.npages] for r in self.ranges]}
+        return {
+            "id": self.id,
+            "size": self.size,
+            "owner": self.owner,
+            "purpose": self.purpose,
+            "npages": self.npages,
+            "va": self.va,
+            "gpadl_messages": self.gpadl_messages,
+            "pfn_ranges": [[r.start, r.npages] for r in self.ranges],
+        }
 
 
 class StrategyError(Exception):
