@@ -336,7 +336,12 @@ class SharedPool:
     def _take(self, npages: int) -> list[tuple[Chunk, int, int]] | None:
         """Whole free chunks (largest first) then a page-granular tail; None if it cannot fit
         (and then nothing was taken)."""
-        if npages > self.free_pages or not self._plan_fits(npages):
+        if npages > self.free_pages:
+            return None
+        if npages < (1 << CHUNK_ORDERS[-1]):  # small: never takes a whole chunk as such
+            got = self._take_small(npages)
+            return None if got is None else [(got[0], got[1], npages)]
+        if not self._plan_fits(npages):
             return None
         pieces: list[tuple[Chunk, int, int]] = []
         left = npages

@@ -17,6 +17,7 @@ Life cycle of a strategy object, as `compare` drives it:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from typing import Any, ClassVar, Protocol
 
@@ -56,7 +57,7 @@ class Buffer:
     ranges: tuple[PfnRange, ...]
     va: int
 
-    @property
+    @functools.cached_property
     def npages(self) -> int:
         return sum(r.npages for r in self.ranges)
 
