@@ -1,0 +1,3 @@
+from hv_netvsc_sim.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,412 @@
+"""hv-netvsc-sim: drive the simulated hv_netvsc driver (`run`) or compare strategies (`compare`).
+
+  hv-netvsc-sim run [--strategy NAME] [--nics N] [--cycles M] [--seed S] [--json]
+                    [--daemon URL] [--pace SECONDS] [guest and scenario options]
+  hv-netvsc-sim compare [--guest-memory 16GiB] [--cycles N] [--seed S] [--age-steps N]
+                        [--platform tdx|snp|none] [--json] [--plot FILE.png]
+
+Exit status: 0 on success, 1 when the run could not be done (the daemon unreachable),
+2 on bad input (argparse's usage message, never a traceback), 130 when interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from hv_netvsc_sim.client import InProcessClient, PoolError, RemoteClient
+from hv_netvsc_sim.compare import (
+    DEFAULT_AGE_STEPS,
+    CompareConfig,
+    GuestFactory,
+    boot_on,
+    run_compare,
+)
+from hv_netvsc_sim.host import HyperVHost
+from hv_netvsc_sim.report import (
+    ProgressReporter,
+    compare_table,
+    plot_compare,
+    print_table,
+    summary_table,
+)
+from hv_netvsc_sim.scenario import Scenario, ScenarioConfig
+from pool.guest import GuestConfig
+from pool.guest.cli import size_arg
+from pool.guest.units import GiB
+from pool.registry import STRATEGIES
+
+
+def _int_at_least(minimum: int, what: str) -> Any:
+    def parse(text: str) -> int:
+        try:
+            value = int(text.replace("_", ""))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{what} must be an integer: {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{what} must be at least {minimum}: {value}")
+        return value
+
+    return parse
+
+
+def _nonneg_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0: {text!r}")
+    return value
+
+
+def _daemon_url(text: str) -> str:
+    if text.startswith("unix:") and len(text) > 5:
+        return text
+    if text.startswith(("http://", "https://")) and len(text.split("://", 1)[1]) > 0:
+        return text
+    raise argparse.ArgumentTypeError(
+        f"daemon URL must be unix:/path/to/socket or http://host:port: {text!r}"
+    )
+
+
+def _add_guest_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--guest-memory",
+        type=size_arg,
+        default=16 * GiB,
+        metavar="SIZE",
+        help="guest RAM (default 16GiB; a 3-4 GiB PCI hole is modeled)",
+    )
+    p.add_argument("--platform", choices=("tdx", "snp", "none"), default="tdx")
+    p.add_argument("--seed", type=int, default=1, help="seed of the guest and the events")
+    p.add_argument(
+        "--age-steps",
+        type=_int_at_least(0, "--age-steps"),
+        default=DEFAULT_AGE_STEPS,
+        metavar="N",
+        help=f"background churn steps aging the guest (default {DEFAULT_AGE_STEPS:,}; "
+        "0 = pristine)",
+    )
+
+
+def _add_scenario_options(p: argparse.ArgumentParser, cycles: int, cycles_min: int) -> None:
+    p.add_argument(
+        "--cycles",
+        type=_int_at_least(cycles_min, "--cycles"),
+        default=cycles,
+        metavar="N",
+        help=f"cycles: a hot remove + add of one vNIC plus the mixed events (default {cycles}"
+        + ("; 0 = until SIGTERM/SIGINT)" if cycles_min == 0 else ")"),
+    )
+    p.add_argument(
+        "--nics", type=_int_at_least(1, "--nics"), default=2, metavar="N", help="vNICs (default 2)"
+    )
+    p.add_argument(
+        "--mixed-events",
+        type=_int_at_least(0, "--mixed-events"),
+        default=3,
+        metavar="N",
+        help="ring resize / MTU / channel / VF failover / traffic events per cycle (default 3)",
+    )
+    p.add_argument(
+        "--churn-steps",
+        type=_int_at_least(0, "--churn-steps"),
+        default=250,
+        metavar="N",
+        help="guest background churn steps before each event, in-process (default 250)",
+    )
+    p.add_argument(
+        "--traffic-packets",
+        type=_int_at_least(0, "--traffic-packets"),
+        default=64,
+        metavar="N",
+        help="packets each way per traffic event (default 64)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hv-netvsc-sim",
+        description="A simulated hv_netvsc driver and Hyper-V host exercising shared-buffer "
+        "strategies on a simulated confidential guest.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser(
+        "run",
+        help="drive one strategy through hot add/remove cycles",
+        description="Drive one strategy (in-process) or the daemon (--daemon URL) through "
+        "seeded vNIC life cycles; a progress bar on a terminal, a summary at the end.",
+    )
+    run.add_argument(
+        "--strategy", choices=STRATEGIES, default="pool", help="strategy, in-process (default pool)"
+    )
+    _add_scenario_options(run, cycles=100, cycles_min=0)
+    _add_guest_options(run)
+    run.add_argument("--json", action="store_true", help="print the summary as JSON")
+    run.add_argument(
+        "--daemon",
+        type=_daemon_url,
+        metavar="URL",
+        help="drive sharedpoold at unix:/path/sock or http://host:port instead of an "
+        "in-process strategy (the guest options then do not apply)",
+    )
+    run.add_argument("--name", default="hv-netvsc-sim", help="client name at the daemon")
+    run.add_argument(
+        "--pace",
+        type=_nonneg_float,
+        default=0.0,
+        metavar="SECONDS",
+        help="real seconds to sleep after each event (default 0: as fast as possible)",
+    )
+    run.set_defaults(func=_run)
+
+    cmp = sub.add_parser(
+        "compare",
+        help="every strategy on the same seeded workload",
+        description="Run every strategy on the same seed, the same aged guest and the same "
+        "event sequence; print a table, or the JSON of DESIGN.md section 4.",
+    )
+    _add_guest_options(cmp)
+    _add_scenario_options(cmp, cycles=200, cycles_min=1)
+    cmp.add_argument(
+        "--strategies",
+        type=lambda t: tuple(s for s in t.split(",") if s),
+        default=STRATEGIES,
+        metavar="A,B,...",
+        help=f"strategies to run (default all: {','.join(STRATEGIES)})",
+    )
+    cmp.add_argument("--json", action="store_true", help="print the compare JSON on stdout")
+    cmp.add_argument("--plot", metavar="FILE.png", help="write the plot (matplotlib) to FILE")
+    cmp.add_argument("--quiet", action="store_true", help="no progress output")
+    cmp.set_defaults(func=_compare)
+    return parser
+
+
+# ---- compare -----------------------------------------------------------------------------
+
+
+def _compare(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    unknown = [s for s in args.strategies if s not in STRATEGIES]
+    if unknown or not args.strategies:
+        parser.error(
+            f"--strategies: unknown {unknown or 'empty list'}; "
+            f"expected some of {','.join(STRATEGIES)}"
+        )
+    try:
+        config = CompareConfig(
+            guest_memory_bytes=args.guest_memory,
+            cycles=args.cycles,
+            seed=args.seed,
+            platform=args.platform,
+            age_steps=args.age_steps,
+            strategies=args.strategies,
+            nics=args.nics,
+            mixed_events=args.mixed_events,
+            churn_steps=args.churn_steps,
+            traffic_packets=args.traffic_packets,
+        )
+        config.guest_config()
+    except ValueError as exc:
+        parser.error(str(exc))
+    if args.plot is not None and not args.plot:
+        parser.error("--plot needs a file name")
+    t0 = time.perf_counter()
+    timings: dict[str, float] = {}
+    with ProgressReporter(enabled=not args.quiet) as progress:
+        doc = run_compare(config, progress, timings)
+    if args.json:
+        json.dump(doc, sys.stdout)
+        sys.stdout.write("\n")
+    else:
+        print_table(compare_table(doc))
+    if args.plot:
+        plot_compare(doc, args.plot)
+        if not args.quiet:
+            print(f"plot written to {args.plot}", file=sys.stderr)
+    if not args.quiet:
+        each = ", ".join(f"{k} {v:.1f}s" for k, v in timings.items())
+        print(f"compare took {time.perf_counter() - t0:.1f} s ({each})", file=sys.stderr)
+    return 0
+
+
+# ---- run -----------------------------------------------------------------------------------
+
+
+def _scenario_config(args: argparse.Namespace) -> ScenarioConfig:
+    return ScenarioConfig(
+        nics=args.nics,
+        cycles=args.cycles,
+        seed=args.seed,
+        mixed_events=args.mixed_events,
+        churn_steps=args.churn_steps,
+        traffic_packets=args.traffic_packets,
+        pace=args.pace,
+    )
+
+
+def _install_stop(scenario: Scenario) -> None:
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError, RuntimeError):  # not on this platform
+            loop.add_signal_handler(sig, scenario.stop)
+
+
+async def _run_in_process(args: argparse.Namespace, progress: ProgressReporter) -> dict[str, Any]:
+    guest_config = GuestConfig(
+        memory_bytes=args.guest_memory, platform=args.platform, seed=args.seed
+    )
+    factory = GuestFactory(guest_config, args.age_steps, progress)
+    guest, strategy, baseline = boot_on(factory, args.strategy)
+    strategy.setup()
+    client = InProcessClient(strategy, owner="hv_netvsc")
+    host = HyperVHost(guest, owns=client.owns)
+    total = args.cycles
+    label = f"run {args.strategy}"
+    scenario = Scenario(
+        _scenario_config(args),
+        client,
+        host,
+        guest=guest,
+        maintain=client.maintain,
+        on_cycle=lambda c: progress(label, c, total),
+    )
+    _install_stop(scenario)
+    await scenario.start()
+    run_start = guest.stats.snapshot()
+    t0 = time.perf_counter()
+    await scenario.run()
+    wall = time.perf_counter() - t0
+    run = guest.stats.snapshot() - run_start
+    hz = guest.hazards()
+    sst = strategy.stats()
+    out = {
+        "mode": "in-process",
+        "strategy": args.strategy,
+        "config": {
+            "guest_memory_bytes": args.guest_memory,
+            "platform": args.platform,
+            "seed": args.seed,
+            "age_steps": args.age_steps,
+            "nics": args.nics,
+            "cycles": args.cycles,
+            "mixed_events": args.mixed_events,
+            "churn_steps": args.churn_steps,
+        },
+        **scenario.summary(),
+        "wall_seconds": wall,
+        "cycles_per_second": scenario.cycles_done / wall if wall > 0 else 0.0,
+        "allocations": client.stats.allocations,
+        "failures": client.stats.failures,
+        "failure_reasons": dict(sorted(client.stats.failure_reasons.items())),
+        "alloc_latency_seconds": client.stats.latency_percentiles(),
+        "setup": (run_start - baseline).as_compare_json(),
+        "run": run.as_compare_json(),
+        "end_state": {
+            "direct_map_bytes": guest.direct_map.bytes_by_size(),
+            "hazard_pages": hz.as_json(),
+            "leaked_bytes": sst.leaked_bytes,
+        },
+        "strategy_stats": sst.as_json(),
+    }
+    return out
+
+
+async def _run_daemon(args: argparse.Namespace, progress: ProgressReporter) -> dict[str, Any]:
+    host = HyperVHost(None)  # no Guest: GPADL consistency checks only (see host.py)
+    total = args.cycles
+    async with RemoteClient(args.daemon, args.name) as client:
+        scenario = Scenario(
+            _scenario_config(args),
+            client,
+            host,
+            on_cycle=lambda c: progress("run (daemon)", c, total),
+        )
+        _install_stop(scenario)
+        t0 = time.perf_counter()
+        try:
+            await scenario.start()
+            await scenario.run()
+        finally:
+            await scenario.shutdown()  # free every buffer before unregistering
+        wall = time.perf_counter() - t0
+        try:
+            daemon_stats: dict[str, Any] | None = await client.daemon_stats()
+        except PoolError:
+            daemon_stats = None
+        return {
+            "mode": "daemon",
+            "daemon": args.daemon,
+            "client_id": client.client_id,
+            **scenario.summary(),
+            "wall_seconds": wall,
+            "cycles_per_second": scenario.cycles_done / wall if wall > 0 else 0.0,
+            "allocations": client.stats.allocations,
+            "failures": client.stats.failures,
+            "failure_reasons": dict(sorted(client.stats.failure_reasons.items())),
+            "alloc_latency_seconds": client.stats.latency_percentiles(),
+            "daemon_stats": daemon_stats,
+        }
+
+
+def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    if args.daemon is None:
+        if args.cycles == 0:
+            parser.error("--cycles 0 (until stopped) needs --daemon")
+        try:
+            GuestConfig(memory_bytes=args.guest_memory, platform=args.platform, seed=args.seed)
+        except ValueError as exc:
+            parser.error(str(exc))
+    with ProgressReporter(enabled=not args.json or sys.stderr.isatty()) as progress:
+        try:
+            if args.daemon is None:
+                out = asyncio.run(_run_in_process(args, progress))
+            else:
+                out = asyncio.run(_run_daemon(args, progress))
+        except PoolError as exc:
+            print(f"hv-netvsc-sim: {exc} ({exc.reason})", file=sys.stderr)
+            return 1
+    if args.json:
+        json.dump(out, sys.stdout)
+        sys.stdout.write("\n")
+        return 0
+    rows: dict[str, Any] = {
+        "mode": out["mode"] + (f" ({out['strategy']})" if "strategy" in out else ""),
+        "cycles": out["cycles"],
+        "cycles per second": out["cycles_per_second"],
+        "events": out["events"],
+        "allocations": out["allocations"],
+        "failures": out["failures"],
+        "failure reasons": out["failure_reasons"],
+        "probe failures": out["driver"]["probe_failures"],
+        "leaked buffers": out["driver"]["leaked_buffers"],
+        "GPADLs established": out["host"]["gpadls_established"],
+        "GPADL messages": out["host"]["gpadl_messages"],
+        "GPADLs refused": out["host"]["gpadls_refused"],
+        "use-after-free writes": out["host"]["use_after_free_writes"],
+        "alloc p50 (µs)": out["alloc_latency_seconds"]["p50"] * 1e6,
+        "alloc p99 (µs)": out["alloc_latency_seconds"]["p99"] * 1e6,
+    }
+    if "run" in out:
+        rows["run hypercalls"] = out["run"]["hypercalls"]
+        rows["run 2M splits"] = out["run"]["direct_map_splits"]["level2"]
+        rows["fatal hazard pages"] = out["end_state"]["hazard_pages"]["private_alias_to_shared"]
+    print_table(summary_table("hv-netvsc-sim run", rows))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args, parser))
+    except KeyboardInterrupt:
+        return 130

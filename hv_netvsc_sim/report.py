@@ -1,0 +1,205 @@
+"""Terminal output: a progress reporter, the compare table, the run summary, the plot."""
+
+from __future__ import annotations
+
+import sys
+import types
+from collections.abc import Mapping
+from typing import Any, TextIO
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+
+from pool.guest.units import format_size
+
+
+class ProgressReporter:
+    """`reporter(what, done, total)`: a rich progress bar per `what` on a terminal; plain
+    lines every 10 % otherwise (total 0: unbounded, a line every 100). Use as a context
+    manager."""
+
+    def __init__(self, stream: TextIO | None = None, enabled: bool = True) -> None:
+        self.stream = stream or sys.stderr
+        self.enabled = enabled
+        self.tty = self.stream.isatty()
+        self._progress: Progress | None = None
+        self._tasks: dict[str, TaskID] = {}
+        self._last: dict[str, int] = {}
+
+    def __enter__(self) -> ProgressReporter:
+        if self.enabled and self.tty:
+            self._progress = Progress(
+                TextColumn("{task.description:<22}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                TimeRemainingColumn(),
+                console=Console(file=self.stream),
+                transient=False,
+            )
+            self._progress.__enter__()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: types.TracebackType | None,
+    ) -> None:
+        if self._progress is not None:
+            self._progress.__exit__(exc_type, exc, tb)
+            self._progress = None
+
+    def __call__(self, what: str, done: int, total: int) -> None:
+        if not self.enabled:
+            return
+        if self._progress is not None:
+            task = self._tasks.get(what)
+            if task is None:
+                task = self._progress.add_task(what, total=total or None)
+                self._tasks[what] = task
+            self._progress.update(task, completed=done)
+            return
+        if total:
+            step = max(1, total // 10)
+            mark = done // step
+            if done != total and mark == self._last.get(what, -1):
+                return
+            if done == total and self._last.get(what) == -2:
+                return
+            self._last[what] = -2 if done == total else mark
+            print(f"{what}: {done}/{total}", file=self.stream, flush=True)
+        elif done % 100 == 0:
+            print(f"{what}: {done}", file=self.stream, flush=True)
+
+
+def _mib(nbytes: int) -> str:
+    return f"{nbytes / (1 << 20):,.1f}"
+
+
+def _us(seconds: float) -> str:
+    return f"{seconds * 1e6:,.1f}"
+
+
+def compare_table(doc: Mapping[str, Any]) -> Table:
+    cfg = doc["config"]
+    table = Table(
+        title=(
+            f"hv_netvsc_sim compare: {format_size(cfg['guest_memory_bytes'])} {cfg['platform']} "
+            f"guest, {cfg['age_steps']:,} aging steps, {cfg['cycles']} cycles, seed {cfg['seed']}"
+        ),
+        title_justify="left",
+    )
+    for col, justify in (
+        ("strategy", "left"),
+        ("allocs", "right"),
+        ("failures", "left"),
+        ("setup\nhypercalls", "right"),
+        ("run\nhypercalls", "right"),
+        ("run splits\n2M / 1G", "right"),
+        ("DirectMap4k\nend MiB", "right"),
+        ("fatal\nhazard pages", "right"),
+        ("shared\nMiB", "right"),
+        ("leaked\nMiB", "right"),
+        ("alloc p50\nµs", "right"),
+        ("alloc p99\nµs", "right"),
+    ):
+        table.add_column(col, justify=justify, no_wrap=col == "failures")  # type: ignore[arg-type]
+    for name, r in doc["strategies"].items():
+        reasons = ", ".join(f"{k} {v}" for k, v in r["failure_reasons"].items())
+        splits = r["run"]["direct_map_splits"]
+        end = r["end_state"]
+        lat = r["alloc_latency_seconds"]
+        table.add_row(
+            name,
+            f"{r['allocations']:,}",
+            f"{r['failures']:,}" + (f" ({reasons})" if reasons else ""),
+            f"{r['setup']['hypercalls']:,}",
+            f"{r['run']['hypercalls']:,}",
+            f"{splits['level2']:,} / {splits['level3']:,}",
+            _mib(end["direct_map_bytes"]["4k"]),
+            f"{end['hazard_pages']['private_alias_to_shared']:,}",
+            _mib(end["shared_bytes"]),
+            _mib(end["leaked_bytes"]),
+            _us(lat["p50"]),
+            _us(lat["p99"]),
+        )
+    return table
+
+
+def summary_table(title: str, rows: Mapping[str, Any]) -> Table:
+    table = Table(title=title, title_justify="left", show_header=False)
+    table.add_column("what")
+    table.add_column("value", justify="right")
+    for key, value in rows.items():
+        if isinstance(value, float):
+            text = f"{value:,.6g}"
+        elif isinstance(value, int):
+            text = f"{value:,}"
+        elif isinstance(value, Mapping):
+            text = (
+                ", ".join(
+                    f"{k} {v:,}" if isinstance(v, int) else f"{k} {v}" for k, v in value.items()
+                )
+                or "-"
+            )
+        else:
+            text = str(value)
+        table.add_row(key, text)
+    return table
+
+
+def print_table(table: Table, stream: TextIO | None = None) -> None:
+    Console(file=stream or sys.stdout, width=160).print(table)
+
+
+def plot_compare(doc: Mapping[str, Any], path: str) -> None:
+    """Direct-map bytes by leaf size over cycles, cumulative hypercalls and level-2 splits,
+    and the mean allocation latency per cycle: one line per strategy."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = (
+        ("direct_map_4k_bytes", "DirectMap4k (MiB)", 1 << 20, "linear"),
+        ("direct_map_2M_bytes", "DirectMap2M (MiB)", 1 << 20, "linear"),
+        ("direct_map_1G_bytes", "DirectMap1G (GiB)", 1 << 30, "linear"),
+        ("hypercalls", "hypercalls (cumulative)", 1, "symlog"),
+        ("direct_map_splits_level2", "2 MiB leaf splits (cumulative)", 1, "linear"),
+        ("alloc_latency_mean_seconds", "alloc latency, mean per cycle (µs)", 1e-6, "log"),
+    )
+    fig, axes = plt.subplots(2, 3, figsize=(16, 8.5), constrained_layout=True)
+    cfg = doc["config"]
+    fig.suptitle(
+        f"hv_netvsc_sim compare: {format_size(cfg['guest_memory_bytes'])} {cfg['platform']} "
+        f"guest, {cfg['age_steps']:,} aging steps, {cfg['cycles']} cycles, seed {cfg['seed']}"
+    )
+    styles = ("-", "--", "-.", ":", (0, (5, 1)), (0, (3, 1, 1, 1, 1, 1)))
+    for ax, (key, label, scale, yscale) in zip(axes.flat, panels, strict=True):
+        for i, (name, r) in enumerate(doc["strategies"].items()):
+            s = r["series"]
+            ys = [v / scale for v in s[key]]
+            if yscale == "log" and not any(ys):
+                continue
+            # overlapping lines (strategies that never touch the direct map) stay visible
+            ax.plot(s["cycle"], ys, label=name, linewidth=1.6, linestyle=styles[i % len(styles)])
+        ax.set_title(label, fontsize=10)
+        ax.set_xlabel("cycle")
+        if yscale == "symlog":
+            ax.set_yscale("symlog", linthresh=10)
+        elif yscale == "log":
+            ax.set_yscale("log")
+        ax.grid(True, alpha=0.3)
+    axes.flat[0].legend(fontsize=8)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
