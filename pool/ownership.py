@@ -22,7 +22,10 @@ exactly as they were. Ids are never reused, so "freed before" (DoubleFree) is to
 
 from __future__ import annotations
 
+import bisect
+import itertools
 from collections.abc import Iterator, Mapping
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -43,9 +46,9 @@ class Ledger:
     """Live buffers of one strategy, keyed by id, with ownership checks and counters."""
 
     __slots__ = (
+        "_added",
         "_by_id",
         "_failure_reasons",
-        "_freed",
         "_next",
         "allocations",
         "failures",
@@ -56,7 +59,11 @@ class Ledger:
 
     def __init__(self, first_id: int = 1) -> None:
         self._by_id: dict[int, Buffer] = {}
-        self._freed: set[int] = set()
+        # Every id ever added, as sorted disjoint [start, end) runs: "freed" is "added and not
+        # live". Ids come from a counter, so this stays a handful of runs however many buffers
+        # come and go (a set of freed ids grew by ~70 bytes per free, for the ledger's life,
+        # and into every daemon snapshot).
+        self._added: list[list[int]] = []
         self._next = first_id
         self._failure_reasons: dict[str, int] = {}
         self.allocations = 0  # successful allocations (calls to add)
@@ -81,8 +88,9 @@ class Ledger:
     def add(self, buffer: Buffer) -> None:
         """Register a freshly allocated buffer and count the allocation."""
         bid = buffer.id
-        if bid in self._by_id or bid in self._freed:
+        if bid in self._by_id or self._was_added(bid):
             raise ValueError(f"buffer id {bid} was already used")
+        self._mark_added(bid)
         if bid >= self._next:  # an id not from next_id(): keep the counter ahead of it
             self._next = bid + 1
         self._by_id[bid] = buffer
@@ -95,7 +103,7 @@ class Ledger:
         state: DoubleFree (freed before), UnknownBuffer (never allocated here), NotOwner."""
         buf = self._by_id.get(buffer_id)
         if buf is None:
-            if buffer_id in self._freed:
+            if self._was_added(buffer_id):
                 raise DoubleFree(f"buffer {buffer_id} was already freed")
             raise UnknownBuffer(f"no buffer with id {buffer_id!r}")
         if buf.owner != owner:
@@ -103,9 +111,9 @@ class Ledger:
         return buf
 
     def remove(self, buffer_id: int) -> Buffer:
-        """Forget a live buffer (after lookup_for_free), remember its id, count the free."""
+        """Forget a live buffer (after lookup_for_free), count the free (its id stays known as
+        added, hence freed)."""
         buf = self._by_id.pop(buffer_id)
-        self._freed.add(buffer_id)
         self.frees += 1
         self.used_pages -= buf.npages
         self.requested_bytes -= buf.size
@@ -115,12 +123,43 @@ class Ledger:
         """The live buffer `buffer_id`; UnknownBuffer if it is not live (freed or never)."""
         buf = self._by_id.get(buffer_id)
         if buf is None:
-            state = "was freed" if buffer_id in self._freed else "does not exist"
+            state = "was freed" if self._was_added(buffer_id) else "does not exist"
             raise UnknownBuffer(f"buffer {buffer_id!r} {state}")
         return buf
 
     def was_freed(self, buffer_id: int) -> bool:
-        return buffer_id in self._freed
+        return buffer_id not in self._by_id and self._was_added(buffer_id)
+
+    def _was_added(self, bid: object) -> bool:
+        if not isinstance(bid, int):
+            return False
+        runs = self._added
+        i = bisect.bisect_right(runs, bid, key=lambda r: r[0]) - 1
+        return i >= 0 and runs[i][0] <= bid < runs[i][1]
+
+    def _mark_added(self, bid: int) -> None:
+        runs = self._added
+        if runs and runs[-1][1] == bid:  # the usual case: the next id of the counter
+            runs[-1][1] += 1
+            return
+        i = bisect.bisect_right(runs, bid, key=lambda r: r[0])
+        runs.insert(i, [bid, bid + 1])
+        if i + 1 < len(runs) and runs[i + 1][0] == bid + 1:  # merge with the next run
+            runs[i][1] = runs.pop(i + 1)[1]
+        if i > 0 and runs[i - 1][1] == bid:  # merge with the previous run
+            runs[i - 1][1] = runs.pop(i)[1]
+
+    def __setstate__(self, state: Any) -> None:
+        """Unpickle, also a ledger pickled (in a daemon snapshot) with a set of freed ids."""
+        dict_state, slots = state if isinstance(state, tuple) else (state, None)
+        values = {**(dict_state or {}), **(slots or {})}
+        freed = values.pop("_freed", None)
+        for key, value in values.items():
+            setattr(self, key, value)
+        if freed is not None:
+            self._added = []
+            for bid in sorted(set(freed) | set(self._by_id)):
+                self._mark_added(bid)
 
     def buffers(self, owner: str | None = None) -> list[Buffer]:
         """Live buffers (of `owner`, or all), in id order."""
@@ -173,7 +212,9 @@ class Ledger:
         assert self.used_pages == sum(b.npages for b in bufs), "used_pages drifted"
         assert self.requested_bytes == sum(b.size for b in bufs), "requested_bytes drifted"
         assert all(b.id < self._next for b in bufs), "a live id is not below the id counter"
-        assert not (self._freed & self._by_id.keys()), "an id is both live and freed"
+        assert all(self._was_added(bid) for bid in self._by_id), "a live id was never added"
+        runs = self._added
+        assert all(a[1] < b[0] for a, b in itertools.pairwise(runs)), "id runs overlap"
         assert all(bid == b.id for bid, b in self._by_id.items()), "a buffer under a wrong id"
         assert self.allocations - self.frees == len(bufs), "allocations - frees != live buffers"
         assert self.failures == sum(self._failure_reasons.values()), "failure counts drifted"
