@@ -1,0 +1,167 @@
+"""`compare`: the contract's JSON shape and the direction of each strategy's figures.
+
+The default run uses a smaller machine where every property already shows (a 4 GiB guest,
+100,000 aging steps, 30 cycles); the full `--cycles 200 --seed 1` case on the default
+16 GiB guest aged 1,000,000 steps is marked slow.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from hv_netvsc_sim.compare import (
+    CONTRACT_STRATEGIES,
+    CompareConfig,
+    run_compare,
+    strip_latency,
+)
+from pool.guest.units import GiB
+
+COUNTS_KEYS = {
+    "hypercalls",
+    "pages_converted",
+    "pages_accepted",
+    "tlb_flushes",
+    "cache_flushed_pages",
+    "direct_map_splits",
+    "modeled_conversion_seconds",
+}
+STRATEGY_KEYS = {
+    "allocations",
+    "failures",
+    "failure_reasons",
+    "setup",
+    "run",
+    "end_state",
+    "alloc_latency_seconds",
+    "series",
+}
+SERIES_KEYS = {"cycle", "hypercalls", "direct_map_splits_level2", "direct_map_4k_bytes"}
+
+
+@pytest.fixture(scope="module")
+def small() -> dict[str, Any]:
+    config = CompareConfig(guest_memory_bytes=4 * GiB, cycles=30, seed=1, age_steps=100_000)
+    return run_compare(config)
+
+
+def check_contract(doc: dict[str, Any], cycles: int) -> None:
+    assert set(doc) >= {"config", "strategies"}
+    assert set(doc["config"]) >= {"guest_memory_bytes", "cycles", "seed", "platform", "age_steps"}
+    assert set(doc["strategies"]) >= {*CONTRACT_STRATEGIES, "pool-boot"}
+    for name, r in doc["strategies"].items():
+        assert set(r) >= STRATEGY_KEYS, name
+        for phase in ("setup", "run"):
+            assert set(r[phase]) >= COUNTS_KEYS, (name, phase)
+            assert set(r[phase]["direct_map_splits"]) >= {"level2", "level3"}
+        end = r["end_state"]
+        assert set(end["direct_map_bytes"]) >= {"4k", "2M", "1G"}
+        assert set(end["hazard_pages"]) >= {"private_alias_to_shared", "shared_alias_to_private"}
+        assert {"shared_bytes", "leaked_bytes"} <= set(end)
+        assert set(r["alloc_latency_seconds"]) >= {"p50", "p99"}
+        assert isinstance(r["alloc_latency_seconds"]["p50"], float)
+        assert set(r["series"]) >= SERIES_KEYS
+        assert r["series"]["cycle"] == list(range(1, cycles + 1))
+        assert all(len(v) == cycles for v in r["series"].values())
+        assert r["failures"] == sum(r["failure_reasons"].values())
+        assert r["host"]["use_after_free_writes"] == 0
+    json.loads(json.dumps(doc))  # plain JSON types only
+
+
+def check_directions(doc: dict[str, Any]) -> None:
+    s = doc["strategies"]
+    # pool: once warmed up, nothing more: flat hypercalls and level-2 splits
+    pool = s["pool"]["series"]
+    half = len(pool["cycle"]) // 2
+    assert pool["hypercalls"][-1] == pool["hypercalls"][half - 1]
+    assert pool["direct_map_splits_level2"][-1] == pool["direct_map_splits_level2"][half - 1] == 0
+    assert s["pool"]["run"]["direct_map_splits"]["level2"] == 0
+    assert s["pool"]["failures"] == 0
+    # pool-boot: decrypted at boot in one 1 GiB piece, nothing during the run
+    assert s["pool-boot"]["run"]["hypercalls"] == 0
+    assert s["pool-boot"]["setup"]["direct_map_splits"] == {"level2": 0, "level3": 0}
+    # vmalloc-directmap: level-2 splits keep growing with the cycles
+    dm = s["vmalloc-directmap"]["series"]["direct_map_splits_level2"]
+    assert 0 < dm[0] < dm[half - 1] < dm[-1]
+    assert (
+        s["vmalloc-directmap"]["end_state"]["direct_map_bytes"]["4k"]
+        > s["pool"]["end_state"]["direct_map_bytes"]["4k"]
+    )
+    assert s["vmalloc-directmap"]["end_state"]["hazard_pages"]["private_alias_to_shared"] == 0
+    # vmalloc-alias: no splits, but private direct-map aliases to shared pages (fatal)
+    assert s["vmalloc-alias"]["run"]["direct_map_splits"]["level2"] == 0
+    assert s["vmalloc-alias"]["end_state"]["hazard_pages"]["private_alias_to_shared"] > 0
+    # swiotlb: hv_netvsc's 16 MiB receive buffer cannot come from it
+    sw = s["swiotlb"]
+    assert sw["failure_reasons"].get("too_large", 0) > 0 and sw["allocations"] == 0
+    assert sw["buffer_checks"]["recv_buf"] == {
+        "bytes": 16 << 20,
+        "ok": False,
+        "reason": "too_large",
+    }
+    # the pool serves every size the driver asks for
+    assert all(c["ok"] for c in s["pool"]["buffer_checks"].values())
+
+
+def test_contract_keys(small):
+    check_contract(small, 30)
+    assert small["config"]["guest_memory_bytes"] == 4 * GiB
+
+
+def test_directions_small(small):
+    check_directions(small)
+
+
+def test_same_seed_same_json_except_latency():
+    config = CompareConfig(
+        guest_memory_bytes=2 * GiB,
+        cycles=6,
+        seed=4,
+        age_steps=20_000,
+        strategies=("pool", "vmalloc-directmap", "swiotlb"),
+    )
+    a, b = run_compare(config), run_compare(config)
+    assert strip_latency(a) == strip_latency(b)
+    assert "alloc_latency_seconds" not in strip_latency(a)["strategies"]["pool"]
+    other = run_compare(
+        CompareConfig(
+            guest_memory_bytes=2 * GiB,
+            cycles=6,
+            seed=5,
+            age_steps=20_000,
+            strategies=("vmalloc-directmap",),
+        )
+    )
+    assert (
+        strip_latency(other)["strategies"]["vmalloc-directmap"]
+        != strip_latency(a)["strategies"]["vmalloc-directmap"]
+    )
+
+
+def test_pristine_guest_and_platform_none():
+    doc = run_compare(
+        CompareConfig(
+            guest_memory_bytes=1 * GiB,
+            cycles=3,
+            age_steps=0,
+            platform="none",
+            strategies=("vmalloc-directmap", "pool"),
+        )
+    )
+    for r in doc["strategies"].values():
+        assert r["setup"]["hypercalls"] == r["run"]["hypercalls"] == 0
+        assert r["run"]["direct_map_splits"] == {"level2": 0, "level3": 0}
+        assert r["end_state"]["shared_bytes"] == 0
+
+
+@pytest.mark.slow
+def test_full_default_compare_200_cycles():
+    """The issue's case: `compare --cycles 200 --seed 1` on the default 16 GiB aged guest."""
+    doc = run_compare(CompareConfig(cycles=200, seed=1))
+    check_contract(doc, 200)
+    assert doc["config"]["guest_memory_bytes"] == 16 * GiB
+    assert doc["config"]["age_steps"] == 1_000_000
+    check_directions(doc)
