@@ -16,7 +16,7 @@ attribute is the attribute of its first page.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import attrs
 import numpy as np
@@ -83,6 +83,58 @@ class DirectMap:
         self._boot_1g = self.n1g
         self._boot_4k_regions = int(np.count_nonzero(self.level == LEAF_4K))
 
+    @classmethod
+    def from_leaves(cls, end_pfn: int, leaves: Iterable[Leaf]) -> DirectMap:
+        """A direct map laid out exactly as `leaves` (e.g. imported from a kernel page-table
+        dump) instead of with the largest leaves that fit. RAM is the union of the leaves;
+        pfns no leaf covers are holes. The layout counts as the boot state: its 4 KiB regions
+        and its 2 MiB leaves inside fully-RAM GiBs are not splits (the split counters start
+        at 0, like /proc/vmstat after boot).
+
+        Each leaf run must be aligned to its size ("1G": 1 GiB-aligned start and length,
+        "2M": 2 MiB, "4k": any pages), runs must not overlap, and attr must be PRIVATE or
+        SHARED. ValueError names the offending run."""
+        runs = sorted(leaves, key=lambda leaf: leaf.start_pfn)
+        granule = {"4k": 1, "2M": PAGES_PER_2M, "1G": PAGES_PER_1G}
+        ram: list[tuple[int, int]] = []
+        previous_end = 0
+        for leaf in runs:
+            step = granule.get(leaf.size)
+            end = leaf.start_pfn + leaf.npages
+            what = f"leaf run [{leaf.start_pfn:#x}, {end:#x}) {leaf.size}"
+            if step is None:
+                raise ValueError(f"{what}: size must be 4k, 2M or 1G")
+            if leaf.npages <= 0 or leaf.start_pfn < 0 or end > end_pfn:
+                raise ValueError(f"{what}: empty or outside [0, {end_pfn:#x})")
+            if leaf.start_pfn % step or leaf.npages % step:
+                raise ValueError(f"{what}: not aligned to its leaf size")
+            if leaf.attr not in (PRIVATE, SHARED):
+                raise ValueError(f"{what}: attribute {leaf.attr} is neither private nor shared")
+            if leaf.start_pfn < previous_end:
+                raise ValueError(f"{what}: overlaps the previous run (ends at {previous_end:#x})")
+            previous_end = end
+            if ram and ram[-1][1] == leaf.start_pfn:
+                ram[-1] = (ram[-1][0], end)
+            else:
+                ram.append((leaf.start_pfn, end))
+        dm = cls(end_pfn, ram)
+        level = np.full_like(dm.level, NO_RAM)
+        is_1g = np.zeros_like(dm.is_1g)
+        for leaf in runs:
+            start, end = leaf.start_pfn, leaf.start_pfn + leaf.npages
+            dm.attr[start:end] = leaf.attr
+            lo, hi = start >> _SHIFT_2M, -(-end // PAGES_PER_2M)
+            if leaf.size == "1G":
+                is_1g[start >> _SHIFT_1G : end >> _SHIFT_1G] = 1
+                level[lo:hi] = IN_1G
+            else:
+                level[lo:hi] = LEAF_2M if leaf.size == "2M" else LEAF_4K
+        dm.level, dm.is_1g = level, is_1g
+        dm._count_leaves()
+        dm._boot_1g = dm.n1g
+        dm._boot_4k_regions = int(np.count_nonzero(level == LEAF_4K))
+        return dm
+
     def _count_leaves(self) -> None:
         self.n1g = int(self.is_1g.sum())
         self.n2m = int(np.count_nonzero(self.level == LEAF_2M))
@@ -97,6 +149,12 @@ class DirectMap:
             "2M": self.n2m * PAGES_PER_2M * PAGE_SIZE,
             "1G": self.n1g * PAGES_PER_1G * PAGE_SIZE,
         }
+
+    def ram_ranges(self) -> list[tuple[int, int]]:
+        """RAM (every mapped page) as sorted, merged [start, end) pfn ranges."""
+        ram = np.concatenate(([False], self.ram[: self.end_pfn], [False]))
+        edges = np.flatnonzero(np.diff(ram.astype(np.int8)))
+        return [(int(a), int(b)) for a, b in zip(edges[::2], edges[1::2], strict=True)]
 
     def leaf_size_of(self, pfn: int) -> str:
         if not self.ram[pfn]:

@@ -129,24 +129,81 @@ def _subtract(
     return out
 
 
+def _reserved_pfns(config: GuestConfig) -> list[tuple[int, int]]:
+    return [(s >> PAGE_SHIFT, -(-e // PAGE_SIZE)) for s, e in config.reserved]
+
+
 class Guest:
     def __init__(self, config: GuestConfig | None = None, host: Host | None = None) -> None:
-        self.config = config = config or GuestConfig()
+        config = config or GuestConfig()
         ram = config.ram_ranges()
-        self.end_pfn = ram[-1][1]
+        reserved = _reserved_pfns(config)
+        self._build(config, host, DirectMap(ram[-1][1], ram), None)
+        for pfn in self._boot_split_pfns(ram, reserved):
+            self.direct_map.boot_split(pfn)
+
+    @classmethod
+    def from_layout(
+        cls,
+        direct_map: DirectMap,
+        config: GuestConfig | None = None,
+        host: Host | None = None,
+        allocator: PageAllocator | None = None,
+    ) -> Guest:
+        """A guest whose RAM and direct map are exactly `direct_map` (for instance one
+        imported from a real guest's page-table dump, pool.guest.ptdump), not the regular
+        layout GuestConfig describes. The guest takes `direct_map` as it is (not copied; no
+        boot splits are added) and sizes everything to `direct_map.end_pfn`, zones included
+        (default_zones).
+
+        From `config` it uses platform, seed, cost_profile, faults and churn; it ignores
+        memory_bytes, hole, boot_splits and boot_scatter_splits (the layout replaces them).
+        The page allocator is `allocator` when given (for instance one whose free lists were
+        imported from /proc/buddyinfo, pool.guest.buddyimport): it must span the same pfns,
+        with the default zones, and manage only RAM pages of `direct_map`. Otherwise it is a
+        fresh allocator over the RAM minus `config.reserved`, all free, as after boot."""
+        config = config or GuestConfig()
+        if allocator is not None:
+            if allocator.end_pfn != direct_map.end_pfn:
+                raise ValueError(
+                    f"allocator spans {allocator.end_pfn:#x} pfns, the direct map "
+                    f"{direct_map.end_pfn:#x}"
+                )
+            if allocator.zones != default_zones(direct_map.end_pfn):
+                raise ValueError("allocator zones are not the default zones of this layout")
+            for start, end in allocator.ram:
+                if not direct_map.ram[start:end].all():
+                    raise ValueError(
+                        f"allocator RAM [{start:#x}, {end:#x}) is not all mapped in the direct map"
+                    )
+        guest = cls.__new__(cls)
+        guest._build(config, host, direct_map, allocator)
+        return guest
+
+    def _build(
+        self,
+        config: GuestConfig,
+        host: Host | None,
+        direct_map: DirectMap,
+        allocator: PageAllocator | None,
+    ) -> None:
+        self.config = config
+        self.end_pfn = direct_map.end_pfn
         self.stats = GuestStats()
         self.costs = CostProfile.load(config.platform, config.cost_profile)
         self.host: Host = host or SimulatedHost(config.faults)
         self.platform = Platform(config.platform, self.end_pfn, self.stats, self.costs, self.host)
-        self.direct_map = DirectMap(self.end_pfn, ram)
+        self.direct_map = direct_map
         self.vmalloc = VmallocSpace()
         self.content = np.zeros(self.end_pfn, dtype=np.uint32)
-        reserved = [(s >> PAGE_SHIFT, -(-e // PAGE_SIZE)) for s, e in config.reserved]
         self.zones: tuple[Zone, ...] = default_zones(self.end_pfn)
-        self.allocator = PageAllocator(self.end_pfn, _subtract(ram, reserved), self.zones)
+        if allocator is None:
+            ram = direct_map.ram_ranges()
+            allocator = PageAllocator(
+                self.end_pfn, _subtract(ram, _reserved_pfns(config)), self.zones
+            )
+        self.allocator = allocator
         self.churn = Churn(self.allocator, config.seed, config.churn)
-        for pfn in self._boot_split_pfns(ram, reserved):
-            self.direct_map.boot_split(pfn)
 
     def _boot_split_pfns(
         self, ram: list[tuple[int, int]], reserved: list[tuple[int, int]]
