@@ -79,6 +79,7 @@ class ClientStats:
     leaked_buffers: int = 0
     leaked_bytes: int = 0
     latencies: array[float] = attrs.Factory(lambda: array("d"))
+    free_seconds: float = 0.0  # wall clock spent in free calls (the allocate side: latencies)
 
     def failed(self, reason: str) -> None:
         self.failures += 1
@@ -120,10 +121,13 @@ class InProcessClient:
         return buf
 
     async def free(self, buffer_id: int) -> bool:
+        t0 = time.perf_counter()
         try:
             result = self.strategy.free(buffer_id, self.owner)
         except StrategyError as exc:
             raise PoolError(exc.reason, str(exc)) from None
+        finally:
+            self.stats.free_seconds += time.perf_counter() - t0
         self.stats.frees += 1
         held = self._sizes.pop(buffer_id, 0)
         if result.leaked:

@@ -34,6 +34,7 @@ daemon has handed a page to someone else: those checks need the in-process mode.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import attrs
 import numpy as np
@@ -80,13 +81,23 @@ def pfns_of(ranges: tuple[PfnRange, ...]) -> npt.NDArray[np.int64]:
     return np.repeat(starts - offsets, lens) + np.arange(total, dtype=np.int64)
 
 
+FEW_RANGES = 8  # up to this many PFN ranges, work on slices; beyond, on a page array
+
+
 @attrs.define(eq=False)
 class Gpadl:
     handle: int
     buffer: Buffer
-    pfns: npt.NDArray[np.int64]
     role: str = ""  # "recv", "send" or "ring", once the guest says what it is for
     revoked: bool = False
+    _pfns: npt.NDArray[np.int64] | None = None
+
+    @property
+    def pfns(self) -> npt.NDArray[np.int64]:
+        """The pages in GPADL order (built on first use: traffic needs them, set-up does not)."""
+        if self._pfns is None:
+            self._pfns = pfns_of(self.buffer.ranges)
+        return self._pfns
 
 
 @attrs.define
@@ -138,29 +149,57 @@ class HyperVHost:
 
     # ---- GPADLs ------------------------------------------------------------------------
 
-    def _owner_view(self, pfns: npt.NDArray[np.int64]) -> npt.NDArray[np.int32]:
-        top = int(pfns.max()) + 1 if len(pfns) else 0
+    def _ensure_owner(self, top: int) -> None:
         if top > len(self._owner):  # remote: PFNs beyond what we have seen so far
             grown = np.zeros(max(top, 2 * len(self._owner)), dtype=np.int32)
             grown[: len(self._owner)] = self._owner
             self._owner = grown
-        return self._owner[pfns]
+
+    def _count(
+        self,
+        array: npt.NDArray[Any],
+        ranges: tuple[PfnRange, ...],
+        pfns: npt.NDArray[np.int64] | None,
+        value: int,
+    ) -> int:
+        """Pages of `ranges` whose entry in `array` differs from `value`."""
+        count = np.count_nonzero
+        if pfns is not None:
+            view = array[pfns]
+            return int(count(view) if value == 0 else count(view != value))
+        n = 0
+        for r in ranges:
+            view = array[r.start : r.start + r.npages]
+            n += int(count(view) if value == 0 else count(view != value))
+        return n
+
+    def _mark(
+        self, ranges: tuple[PfnRange, ...], pfns: npt.NDArray[np.int64] | None, value: int
+    ) -> None:
+        if pfns is not None:
+            self._owner[pfns] = value
+        else:
+            for r in ranges:
+                self._owner[r.start : r.start + r.npages] = value
 
     def establish_gpadl(self, buffer: Buffer) -> int:
         """vmbus_establish_gpadl: take the buffer's PFN list; refuse private pages."""
-        pfns = pfns_of(buffer.ranges)
-        self.stats.gpadl_messages += gpadl_messages(len(pfns))
+        ranges = buffer.ranges
+        npages = buffer.npages
+        pfns = pfns_of(ranges) if len(ranges) > FEW_RANGES else None
+        self.stats.gpadl_messages += gpadl_messages(npages)
         guest = self.guest
         if guest is not None and guest.platform.encrypts:
-            bad = int(np.count_nonzero(guest.platform.state[pfns] != PAGE_SHARED))
+            bad = self._count(guest.platform.state, ranges, pfns, PAGE_SHARED)
             if bad:
                 self.stats.gpadls_refused += 1
                 self.stats.refused_private_pages += bad
                 raise GpadlRefused(
                     f"GPADL for buffer {buffer.id} ({buffer.purpose}) refused: "
-                    f"{bad} of {len(pfns)} pages are not shared with the host"
+                    f"{bad} of {npages} pages are not shared with the host"
                 )
-        taken = int(np.count_nonzero(self._owner_view(pfns)))
+        self._ensure_owner(max(r.start + r.npages for r in ranges))
+        taken = self._count(self._owner, ranges, pfns, 0)  # pages in another GPADL
         if taken:
             self.stats.gpadls_refused += 1
             self.stats.refused_overlapping_pages += taken
@@ -170,10 +209,10 @@ class HyperVHost:
             )
         handle = self._next_handle
         self._next_handle += 1
-        self._owner[pfns] = handle
-        self.gpadls[handle] = Gpadl(handle, buffer, pfns)
+        self._mark(ranges, pfns, handle)
+        self.gpadls[handle] = Gpadl(handle, buffer, pfns=pfns)
         self.stats.gpadls_established += 1
-        self.stats.gpadl_pages += len(pfns)
+        self.stats.gpadl_pages += npages
         return handle
 
     def teardown_gpadl(self, handle: int) -> None:
@@ -181,7 +220,8 @@ class HyperVHost:
         gpadl = self.gpadls.pop(handle, None)
         if gpadl is None:
             raise HostError(f"no GPADL with handle {handle:#x}", "unknown_gpadl")
-        self._owner[gpadl.pfns] = 0
+        ranges = gpadl.buffer.ranges
+        self._mark(ranges, gpadl.pfns if len(ranges) > FEW_RANGES else None, 0)
         self.stats.gpadls_torn_down += 1
 
     # ---- channels and NVSP ---------------------------------------------------------------

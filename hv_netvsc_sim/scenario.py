@@ -43,6 +43,7 @@ import heapq
 import random
 from collections import Counter
 from collections.abc import Callable
+from time import perf_counter
 from typing import Any
 
 import attrs
@@ -194,6 +195,7 @@ class Scenario:
         self.events: Counter[str] = Counter()
         self.skipped: Counter[str] = Counter()
         self.cycles_done = 0
+        self.model_seconds = 0.0  # wall clock in the guest's churn and the strategy's maintain
         self._rng = random.Random(config.seed)
         kinds, weights = zip(*config.mix, strict=True)
         self._kinds: tuple[str, ...] = kinds
@@ -266,10 +268,12 @@ class Scenario:
                 if cfg.cycles and self.cycles_done >= cfg.cycles:
                     break
                 continue
+            t0 = perf_counter()
             if guest is not None and churn:
                 guest.background(churn)
             if maintain is not None:
                 maintain(q.now)
+            self.model_seconds += perf_counter() - t0
             await self._dispatch(ev)
             if cfg.pace:
                 await asyncio.sleep(cfg.pace)
