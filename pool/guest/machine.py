@@ -43,7 +43,7 @@ from pool.guest.platform import (
 )
 from pool.guest.stats import Counts, GuestStats
 from pool.guest.units import NR_ORDERS, PAGE_SHIFT, PAGE_SIZE, PAGES_PER_2M, GiB, MiB
-from pool.guest.vmalloc import VmallocSpace, VmArea, runs_of
+from pool.guest.vmalloc import VmallocSpace, VmArea
 from pool.guest.workload import Churn, ChurnConfig
 
 Runs = Sequence[tuple[int, int]]
@@ -247,10 +247,16 @@ class Guest:
         unknown state must be leaked, never returned (CVE-2024-36911)."""
         n = 1 << order
         if self.platform.encrypts:
-            state = self.platform.state[pfn : pfn + n]
-            if (state != PAGE_PRIVATE).any() or (
-                self.direct_map.attr[pfn : pfn + n] != PRIVATE
-            ).any():
+            state = self.platform.state
+            attr = self.direct_map.attr
+            if (
+                (state[pfn] != PAGE_PRIVATE or attr[pfn] != PRIVATE)
+                if n == 1
+                else (
+                    (state[pfn : pfn + n] != PAGE_PRIVATE).any()
+                    or (attr[pfn : pfn + n] != PRIVATE).any()
+                )
+            ):
                 raise ValueError(
                     f"refusing to free pfn {pfn:#x} order {order}: pages not private "
                     "(shared or of unknown state must be re-encrypted or leaked)"
@@ -258,8 +264,15 @@ class Guest:
         self.allocator.free(pfn, order)
 
     def free_page_list(self, pfns: npt.NDArray[np.int64]) -> None:
+        """vfree's page loop: every page checked first (all or nothing), then freed."""
+        if self.platform.encrypts and (
+            (self.platform.state[pfns] != PAGE_PRIVATE).any()
+            or (self.direct_map.attr[pfns] != PRIVATE).any()
+        ):
+            raise ValueError("refusing to free a page list holding pages that are not private")
+        free = self.allocator.free
         for pfn in pfns.tolist():
-            self.free_pages(pfn, 0)
+            free(pfn, 0)
 
     # ---- contents (zeroing and writes) --------------------------------------------
 
@@ -301,9 +314,12 @@ class Guest:
         )
 
     def _convert(
-        self, runs: Runs, to_shared: bool, change_tables: Callable[[], SplitCounts]
+        self,
+        npages: int,
+        to_shared: bool,
+        hypercalls: Callable[[bool], ConversionResult],
+        change_tables: Callable[[], SplitCounts],
     ) -> ConversionResult:
-        npages = sum(n for _, n in runs)
         if not self.platform.encrypts:
             return ConversionResult(True, npages, 0, 0.0)
         before = self.stats.modeled_conversion_seconds
@@ -315,13 +331,13 @@ class Guest:
         self._flush(npages, caches=True)
         result = None
         if not to_shared:
-            result = self.platform.convert(runs, to_shared=False)
+            result = hypercalls(False)
             if not result.ok:  # vmm_fail: page tables untouched, pages unknown
                 return self._result(result, before, calls_before)
         self._charge_splits(change_tables())
         self._flush(npages, caches=False)
         if to_shared:
-            result = self.platform.convert(runs, to_shared=True)
+            result = hypercalls(True)
         assert result is not None
         return self._result(result, before, calls_before)
 
@@ -337,12 +353,18 @@ class Guest:
     def set_memory_decrypted(self, pfn: int, npages: int) -> ConversionResult:
         """set_memory_decrypted() on a direct-map range: one MapGPA for the contiguous range."""
         return self._convert(
-            [(pfn, npages)], True, lambda: self.direct_map.set_range(pfn, npages, SHARED)
+            npages,
+            True,
+            lambda ts: self.platform.convert([(pfn, npages)], ts),
+            lambda: self.direct_map.set_range(pfn, npages, SHARED),
         )
 
     def set_memory_encrypted(self, pfn: int, npages: int) -> ConversionResult:
         return self._convert(
-            [(pfn, npages)], False, lambda: self.direct_map.set_range(pfn, npages, PRIVATE)
+            npages,
+            False,
+            lambda ts: self.platform.convert([(pfn, npages)], ts),
+            lambda: self.direct_map.set_range(pfn, npages, PRIVATE),
         )
 
     def vmap(self, pfns: npt.NDArray[np.int64], shared: bool) -> VmArea:
@@ -359,11 +381,14 @@ class Guest:
             holder.append(self.vmalloc.set_attr(area, attr))
             return self.direct_map.set_pages(area.pfns, attr) if alias else SplitCounts()
 
-        # vmalloc addresses are converted page by page (tdx_enc_status_changed)
-        runs = [(p, 1) for p in area.pfns.tolist()]
-        if self.platform.name == "snp":
-            runs = list(runs_of(area.pfns))  # batched into PSC requests anyway
-        result = self._convert(runs, attr == SHARED, tables)
+        # vmalloc addresses are converted page by page (tdx_enc_status_changed);
+        # SNP batches them into page-state-change requests anyway
+        result = self._convert(
+            area.npages,
+            attr == SHARED,
+            lambda ts: self.platform.convert_pages(area.pfns, ts),
+            tables,
+        )
         return (holder[0] if holder else self.vmalloc.areas.get(area.id, area)), result
 
     def set_vmalloc_decrypted(
