@@ -246,7 +246,7 @@ def test_other_malformed_dumps():
         parse_ptdump("---[ Low Kernel Mapping ]---\n---[ vmalloc() Area ]---\n")
     with pytest.raises(ValueError, match="maps no memory"):
         parse_ptdump("0xffff888000000000-0xffff888000200000  2M  pte\n")
-    with pytest.raises(ValueError, match="line 1: .*1 GiB aligned"):
+    with pytest.raises(ValueError, match=r"line 1: .*1 GiB aligned"):
         parse_ptdump("0xffff888000200000-0xffff888000400000  2M  RW PSE GLB NX pmd\n")
 
 

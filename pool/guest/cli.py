@@ -1,15 +1,29 @@
-"""Command line for the guest model: `python -m pool.guest demo`."""
+"""Command line for the guest model: `python -m pool.guest demo | replay | export`.
+
+``replay`` and ``export`` (docs/real-guest.md) start the model from a real guest's page-table
+dump and /proc/buddyinfo, replay planned attribute changes on it, and write the model's own
+state back in those formats."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
 
+from pool.guest.buddy import default_zones
+from pool.guest.buddyimport import allocator_from_buddyinfo, buddyinfo_rows
+from pool.guest.directmap import DirectMap
+from pool.guest.fragmentation import format_buddyinfo
 from pool.guest.machine import Guest, GuestConfig
+from pool.guest.procfs import read_host, zoneinfo_layout
+from pool.guest.ptdump import DEFAULT_PAGE_OFFSET, format_ptdump, parse_ptdump
+from pool.guest.replay import parse_changes, render_replay, replay, replay_json
 from pool.guest.report import render
-from pool.guest.units import parse_size
+from pool.guest.units import PAGE_SHIFT, GiB, format_size, parse_size
 
 
 def size_arg(text: str) -> int:
@@ -53,6 +67,198 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _read(path: str, what: str) -> str:
+    """A file's text, or ValueError (exit 2) saying which input could not be read."""
+    try:
+        return Path(path).read_text()
+    except OSError as exc:
+        raise ValueError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+
+
+def _write(path: str, text: str) -> None:
+    if path == "-":
+        sys.stdout.write(text)
+        return
+    try:
+        Path(path).write_text(text)
+    except OSError as exc:
+        raise ValueError(f"cannot write {path}: {exc.strerror or exc}") from None
+
+
+def _replay_layout(args: argparse.Namespace, notes: list[str]) -> tuple[DirectMap, str | None]:
+    """The direct map to replay on, and the buddyinfo text to start the free lists from."""
+    buddyinfo = _read(args.buddyinfo, "buddyinfo") if args.buddyinfo else None
+    if args.ptdump:
+        dump = parse_ptdump(_read(args.ptdump, "page-table dump"))
+        notes.append(f"direct map: {args.ptdump} (PAGE_OFFSET {dump.page_offset:#x})")
+    if args.from_proc:
+        host = read_host(read_ptdump=not args.ptdump)
+        if buddyinfo is None:
+            buddyinfo = host.buddyinfo
+            notes.append("free lists: this machine's /proc/buddyinfo")
+        if not args.ptdump:
+            if host.ptdump is not None:
+                dump = parse_ptdump(host.ptdump)
+                notes.append(
+                    "direct map: this machine's page-table dump "
+                    f"(PAGE_OFFSET {dump.page_offset:#x})"
+                )
+            else:
+                ram = zoneinfo_layout()
+                notes.append(f"page-table dump NOT readable: {host.ptdump_problem}")
+                notes.append(
+                    "direct map used instead: RAM laid out from /proc/zoneinfo (present pages "
+                    "per zone), mapped with the largest leaves that fit; boot-time splits "
+                    "unknown, so real splits may be fewer than reported"
+                )
+                return DirectMap(ram[-1][1], ram), buddyinfo
+    elif not args.ptdump:
+        raise ValueError("replay needs --ptdump FILE (or --from-proc)")
+    dropped = dump.flag_bytes()
+    kept = ", ".join(
+        f"{flag} {format_size(dropped[flag])}" for flag in ("ro", "x", "USR") if flag in dropped
+    )
+    notes.append(
+        "flags dropped (the model keeps only the encryption bit, and the dump does not show "
+        "it: every page starts private)" + (f"; {kept}" if kept else "")
+    )
+    return dump.direct_map(), buddyinfo
+
+
+def _replay(args: argparse.Namespace) -> int:
+    notes: list[str] = []
+    direct_map, buddyinfo = _replay_layout(args, notes)
+    changes = []
+    if args.convert:
+        changes = parse_changes(_read(args.convert, "RANGES.json"), args.convert)
+    end = direct_map.end_pfn
+    allocator = None
+    if buddyinfo is not None:
+        allocator = allocator_from_buddyinfo(
+            end, direct_map.ram_ranges(), default_zones(end), buddyinfo_rows(buddyinfo), args.seed
+        )
+        notes.append(
+            f"free lists: nr_free per zone and order imported exactly, blocks placed by seed "
+            f"{args.seed} (positions are the model's, not the machine's)"
+        )
+    guest = Guest.from_layout(direct_map, GuestConfig(seed=args.seed), allocator=allocator)
+    ram_pages = direct_map.ram_pages
+    ram_bytes = ram_pages << PAGE_SHIFT
+    layout = (
+        f"RAM {ram_bytes >> 10} kB ({ram_bytes / GiB:.2f} GiB) in "
+        f"{len(direct_map.ram_ranges())} range(s), end of RAM {end << PAGE_SHIFT:#x}"
+    )
+    zones = guest.allocator.buddyinfo() if allocator is not None else None
+    report = replay(guest.direct_map, changes, args.convert or "RANGES.json")
+    if args.json:
+        document: dict[str, Any] = {
+            "layout": {
+                "ram_pages": ram_pages,
+                "end_pfn": end,
+                "ram_ranges": [list(r) for r in direct_map.ram_ranges()],
+            }
+        }
+        if zones is not None:
+            document["buddyinfo"] = {name: list(counts) for name, counts in zones}
+        document.update(replay_json(report, args.max_leaves))
+        document["notes"] = notes
+        print(json.dumps(document, indent=2))
+        return 0
+    print(f"== replay: {layout}")
+    for note in notes:
+        print(f"note: {note}")
+    if zones is not None:
+        print("-- /proc/buddyinfo (imported)")
+        print(format_buddyinfo(zones), end="")
+    print(render_replay(report, args.max_leaves))
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    if not args.ptdump and not args.buddyinfo:
+        raise ValueError("export needs --ptdump OUT and/or --buddyinfo OUT")
+    config = GuestConfig(memory_bytes=args.guest_memory, platform=args.platform, seed=args.seed)
+    guest = Guest(config)
+    guest.age(args.age_steps, progress_printer("aging") if args.age_steps else None)
+    if args.ptdump:
+        _write(args.ptdump, format_ptdump(guest.direct_map, args.page_offset))
+    if args.buddyinfo:
+        _write(args.buddyinfo, format_buddyinfo(guest.allocator.buddyinfo()))
+    return 0
+
+
+def _address_arg(text: str) -> int:
+    try:
+        return int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an address: {text!r}") from None
+
+
+def _add_guest_args(parser: argparse.ArgumentParser, default_memory: str) -> None:
+    parser.add_argument(
+        "--guest-memory",
+        type=size_arg,
+        default=parse_size(default_memory),
+        help=f"guest RAM (default {default_memory}; a 3-4 GiB PCI hole is modeled)",
+    )
+    parser.add_argument("--platform", choices=("tdx", "snp", "none"), default="tdx")
+    parser.add_argument("--seed", type=int, default=1)
+
+
+def _add_replay(sub: Any) -> None:
+    p = sub.add_parser(
+        "replay",
+        help="replay planned attribute changes on a real guest's direct map",
+        description="Import a guest's direct map from its page-table dump (debugfs "
+        "page_tables/kernel) and optionally its free lists from /proc/buddyinfo, apply the "
+        "attribute changes of RANGES.json in order, and report the level-2 and level-3 "
+        "splits, DirectMap4k/2M/1G before and after, and the leaves that changed "
+        "(docs/real-guest.md).",
+    )
+    p.add_argument("--ptdump", metavar="FILE", help="page-table dump (Low Kernel Mapping)")
+    p.add_argument("--convert", metavar="RANGES.json", help="attribute changes, in order")
+    p.add_argument("--buddyinfo", metavar="FILE", help="/proc/buddyinfo to start the free lists")
+    p.add_argument(
+        "--from-proc",
+        action="store_true",
+        help="use this machine's /proc/buddyinfo and, if readable, its page-table dump "
+        "(else a layout from /proc/zoneinfo); --ptdump and --buddyinfo take precedence",
+    )
+    p.add_argument("--seed", type=int, default=1, help="seed of the free-block placement")
+    p.add_argument("--json", action="store_true", help="print one JSON document")
+    p.add_argument(
+        "--max-leaves",
+        type=int,
+        default=20,
+        metavar="N",
+        help="list at most N changed stretches, and N runs per side of each (default 20)",
+    )
+    p.set_defaults(func=_replay)
+
+
+def _add_export(sub: Any) -> None:
+    p = sub.add_parser(
+        "export",
+        help="write a default guest's direct map and free lists in the kernel's formats",
+        description="Build a default guest, optionally age it, and write its direct map as "
+        "a page-table dump (Low Kernel Mapping section) and its free lists as "
+        "/proc/buddyinfo; both re-import unchanged with replay. '-' writes to stdout.",
+    )
+    p.add_argument("--ptdump", metavar="OUT", help="where to write the page-table dump")
+    p.add_argument("--buddyinfo", metavar="OUT", help="where to write /proc/buddyinfo")
+    _add_guest_args(p, "4GiB")
+    p.add_argument(
+        "--age-steps", type=int, default=0, help="background churn steps first (default 0)"
+    )
+    p.add_argument(
+        "--page-offset",
+        type=_address_arg,
+        default=DEFAULT_PAGE_OFFSET,
+        help=f"virtual address of pfn 0 in the dump (default {DEFAULT_PAGE_OFFSET:#x})",
+    )
+    p.set_defaults(func=_export)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m pool.guest",
@@ -80,6 +286,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="background churn steps (default 1,000,000; 0 = pristine)",
     )
     demo.set_defaults(func=_demo)
+    _add_replay(sub)
+    _add_export(sub)
     return parser
 
 
