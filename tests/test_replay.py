@@ -133,6 +133,23 @@ def test_replay_prints_the_splits(capsys):
     assert "leaves that changed: 4 stretches" in out
 
 
+def test_replay_notes_lines_split_by_an_unprinted_bit(capsys, tmp_path):
+    lines = Path(DUMP).read_text().splitlines()
+    # the 4K region below the hole as a CoCo kernel prints it with 16 pages shared in it:
+    # three lines, identical printed flags
+    lines[9:10] = [
+        "0xffff8880bfe00000-0xffff8880bfe10000          64K     RW                 GLB NX pte",
+        "0xffff8880bfe10000-0xffff8880bfe20000          64K     RW                 GLB NX pte",
+        "0xffff8880bfe20000-0xffff8880bffe0000        1792K     RW                 GLB NX pte",
+    ]
+    dump = tmp_path / "dump.txt"
+    dump.write_text("\n".join(lines) + "\n")
+    code, out, err = run(capsys, "replay", "--ptdump", str(dump))
+    assert code == 0, err
+    assert "2 line(s) of the dump repeat the previous line's level and printed flags" in out
+    assert "(lines 11, 12)" in out
+
+
 def test_replay_json_and_buddyinfo(capsys, tmp_path):
     info = tmp_path / "buddyinfo"
     rows = [("DMA", (1,) * 11), ("DMA32", (2,) * 11), ("Normal", (3,) * 11)]

@@ -122,6 +122,14 @@ def _replay_layout(args: argparse.Namespace, notes: list[str]) -> tuple[DirectMa
         "flags dropped (the model keeps only the encryption bit, and the dump does not show "
         "it: every page starts private)" + (f"; {kept}" if kept else "")
     )
+    breaks = dump.unprinted_breaks()
+    if breaks:
+        shown = ", ".join(str(n) for n in breaks[:10]) + (" ..." if len(breaks) > 10 else "")
+        notes.append(
+            f"{len(breaks)} line(s) of the dump repeat the previous line's level and printed "
+            f"flags (lines {shown}): a bit the kernel does not print differs there, on a CoCo "
+            "guest most likely the encryption bit; imported as private all the same"
+        )
     return dump.direct_map(), buddyinfo
 
 
@@ -194,6 +202,16 @@ def _address_arg(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not an address: {text!r}") from None
 
 
+def _count_arg(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"not a count >= 0: {text!r}")
+    return value
+
+
 def _add_guest_args(parser: argparse.ArgumentParser, default_memory: str) -> None:
     parser.add_argument(
         "--guest-memory",
@@ -228,7 +246,7 @@ def _add_replay(sub: Any) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON document")
     p.add_argument(
         "--max-leaves",
-        type=int,
+        type=_count_arg,
         default=20,
         metavar="N",
         help="list at most N changed stretches, and N runs per side of each (default 20)",

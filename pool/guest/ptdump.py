@@ -29,9 +29,11 @@ kernel prints bit 7 as PSE only above pte level); no present p4d or pgd line (x8
 leaves above pud).
 
 What the model keeps and drops. The model's only per-page attribute is the encryption state.
-The dump does not show it: the TDX shared bit and the SEV C-bit are address bits, outside the
-flags the kernel prints. Every imported page is therefore private, unless its line carries
-the token SHARED, which Linux never prints: it is this model's extension, written by
+The dump does not print it: the TDX shared bit and the SEV C-bit are high address bits that
+printk_prot() does not show (they are among the bits note_page() compares, so on a CoCo
+guest a change of encryption state starts a new line with the same printed flags: see
+:meth:`Ptdump.unprinted_breaks`). Every imported page is therefore private, unless its line
+carries the token SHARED, which Linux never prints: it is this model's extension, written by
 :func:`format_ptdump` for shared leaves so that a model with conversions re-imports
 unchanged. RW/ro, x/NX, GLB, USR, PWT, PCD, PAT are recorded on each :class:`PtdumpLine`
 (see :meth:`Ptdump.flag_bytes`) and dropped by the model; an export writes every present run
@@ -158,6 +160,19 @@ class Ptdump:
             for flag in line.flags:
                 counts[flag] += line.nbytes
         return dict(sorted(counts.items()))
+
+    def unprinted_breaks(self) -> list[int]:
+        """Line numbers of present lines that follow a present line of the same level with the
+        same printed flags. The kernel only starts a new line when something it compares
+        changes; here that is a bit it does not print: on a CoCo guest, most likely the
+        encryption bit (TDX shared bit, SEV C-bit: both are outside the pfn mask, so among
+        the compared flags), e.g. around buffers decrypted at boot. Which side is shared
+        cannot be told from the text: the import keeps both private."""
+        out = []
+        for a, b in itertools.pairwise(self.lines):
+            if a.present and b.present and a.level == b.level and a.flags == b.flags:
+                out.append(b.lineno)
+        return out
 
     def direct_map(self) -> DirectMap:
         """A DirectMap with exactly these leaves (DirectMap.from_leaves): the dump's layout
@@ -301,32 +316,34 @@ def format_ptdump(
     its header and the next one (``---[ vmalloc() Area ]---``). Present runs show the
     PAGE_KERNEL flags (RW GLB NX); holes below the end of RAM are one non-present line,
     printed at pte level as the kernel's dump of a real guest shows its PCI hole. Runs with
-    the same level and flags are one line, as the kernel merges them. Shared runs carry the
-    model's SHARED token (not a kernel flag) unless mark_shared is False, in which case the
-    text is exactly what the kernel would print and shared pages re-import as private."""
+    the same level, flags and encryption state are one line, as the kernel merges them (on a
+    CoCo guest the encryption bit is among the bits it compares, though it does not print
+    it). Shared runs carry the model's SHARED token (not a kernel flag) unless mark_shared
+    is False, in which case the text is what a CoCo guest's kernel would print and shared
+    pages re-import as private (their lines show up in Ptdump.unprinted_breaks())."""
     if page_offset % GiB or page_offset < 0 or page_offset >= 1 << 64:
         raise ValueError(f"page_offset must be a 1 GiB-aligned 64-bit address: {page_offset:#x}")
-    rows: list[tuple[int, int, str, str]] = []  # start_pfn, end_pfn, level, prot
+    rows: list[tuple[int, int, str, str, int]] = []  # start_pfn, end_pfn, level, prot, attr
 
-    def add(start: int, end: int, level: str, prot: str) -> None:
-        if rows and rows[-1][1] == start and rows[-1][2:] == (level, prot):
-            rows[-1] = (rows[-1][0], end, level, prot)
+    def add(start: int, end: int, level: str, prot: str, attr: int) -> None:
+        if rows and rows[-1][1] == start and rows[-1][2:] == (level, prot, attr):
+            rows[-1] = (rows[-1][0], end, level, prot, attr)
         else:
-            rows.append((start, end, level, prot))
+            rows.append((start, end, level, prot, attr))
 
     previous_end = 0
     level_of = {"4k": "pte", "2M": "pmd", "1G": "pud"}
     for leaf in direct_map.leaves():
         if leaf.start_pfn > previous_end:
-            add(previous_end, leaf.start_pfn, "pte", _prot("pte", False, False))
+            add(previous_end, leaf.start_pfn, "pte", _prot("pte", False, False), -1)
         level = level_of[leaf.size]
-        shared = mark_shared and leaf.attr == SHARED
-        add(leaf.start_pfn, leaf.start_pfn + leaf.npages, level, _prot(level, True, shared))
+        prot = _prot(level, True, mark_shared and leaf.attr == SHARED)
+        add(leaf.start_pfn, leaf.start_pfn + leaf.npages, level, prot, leaf.attr)
         previous_end = leaf.start_pfn + leaf.npages
     if not rows:
         raise ValueError("the direct map maps nothing")
     out = [f"---[ {SECTION} ]---\n"]
-    for start, end, level, prot in rows:
+    for start, end, level, prot, _ in rows:
         virtual = page_offset + (start << PAGE_SHIFT), page_offset + (end << PAGE_SHIFT)
         out.append(_entry(*virtual, prot, level))
     out.append("---[ vmalloc() Area ]---\n")
