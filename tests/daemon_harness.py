@@ -268,6 +268,7 @@ async def verify_restored(url: str, states: list[ClientState]) -> dict[str, int]
     - the daemon's own invariants hold, and it holds exactly the buffers listed.
     """
     seen_pfns: set[int] = set()
+    seen_ids: set[int] = set()
     totals = {"buffers": 0, "lost_in_flight_allocs": 0, "applied_in_flight_allocs": 0}
     for st in states:
         if not st.token:
@@ -294,6 +295,10 @@ async def verify_restored(url: str, states: list[ClientState]) -> dict[str, int]
             for bid in extra:
                 assert bid not in st.ever, f"{st.name}: id {bid} reused"
                 assert by_id[bid]["owner"] == st.client_id
+            assert not seen_ids & set(ids), (
+                f"{st.name}: ids of another client: {seen_ids & set(ids)}"
+            )
+            seen_ids |= set(ids)
             for buf in listed:
                 pfns = _pfns(buf)
                 assert not pfns & seen_pfns, f"{st.name}: buffer {buf['id']} shares PFNs"
