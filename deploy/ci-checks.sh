@@ -13,10 +13,12 @@
 #
 # systemd-analyze verify refuses a unit whose ExecStart binary does not exist,
 # so the units are verified as a copy in a temporary directory whose ExecStart
-# points at an existing executable: the installed sharedpoold if there is one
-# (.venv/bin/sharedpoold, then PATH), else /bin/true. Only the path changes; every
-# other line is verified as committed. verify exits 0 on unknown keys and other
-# warnings, so any message about our units counts as a failure too.
+# points at an existing executable: the real sharedpoold when the project's venv
+# exists (.venv/bin/sharedpoold, which must then be installed; it also checks
+# that the daemon accepts ExecStart's arguments), else sharedpoold on PATH, else
+# /bin/true. Only the path changes; every other line is verified as committed.
+# verify exits 0 on unknown keys and other warnings, so any message about our
+# units counts as a failure too.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -89,20 +91,38 @@ check "promtool test rules" promtool test rules deploy/prometheus/tests/*.yml
 
 unitdir="$(mktemp -d)"
 trap 'rm -rf "$unitdir"' EXIT
+# The real daemon when the project's venv exists (it must then hold the console
+# script: `make` or `pip install -e .` creates it), else sharedpoold on PATH,
+# else /bin/true (a clean clone before `make`).
 exe=/bin/true
-for candidate in "$ROOT/.venv/bin/sharedpoold" "$(command -v sharedpoold || true)"; do
-    if [[ -n "$candidate" && -x "$candidate" ]]; then
-        exe="$candidate"
-        break
-    fi
-done
+if [[ -x "$ROOT/.venv/bin/python" ]]; then
+    exe="$ROOT/.venv/bin/sharedpoold"
+elif command -v sharedpoold >/dev/null 2>&1; then
+    exe="$(command -v sharedpoold)"
+fi
 cp deploy/systemd/sharedpoold.service deploy/systemd/sharedpoold.socket "$unitdir/"
 sed -i "s|^ExecStart=/usr/local/bin/sharedpoold |ExecStart=$exe |" "$unitdir/sharedpoold.service"
 grep -q "^ExecStart=$exe " "$unitdir/sharedpoold.service" || {
     echo "could not rewrite ExecStart in the copy of sharedpoold.service" >&2
     exit 1
 }
-log "verifying the units with ExecStart=$exe"
+
+real_binary() {
+    if [[ ! -x "$exe" ]]; then
+        echo "$exe missing: the venv exists but the project is not installed in it (run make, or .venv/bin/pip install -e .)"
+        return 1
+    fi
+    # ExecStart's arguments as systemd passes them (%S = /var/lib, no SHAREDPOOLD_ARGS),
+    # parsed and validated by the daemon without starting it.
+    "$exe" --state-dir /var/lib/sharedpoold --check-config >/dev/null
+}
+
+if [[ "$exe" == /bin/true ]]; then
+    log "no sharedpoold installed: verifying the units with ExecStart=/bin/true"
+else
+    log "verifying the units with ExecStart=$exe"
+    check "sharedpoold accepts the unit's ExecStart arguments" real_binary
+fi
 check "systemd-analyze verify" verify_units "$unitdir"
 check "systemd-analyze security (exposure <= 2.0)" security_units "$unitdir"
 

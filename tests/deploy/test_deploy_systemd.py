@@ -1,8 +1,9 @@
 """The systemd units: required directives, and `systemd-analyze verify` on them.
 
 verify refuses a unit whose ExecStart binary does not exist, so it runs on a
-copy whose ExecStart path is rewritten to an existing executable (the venv's
-sharedpoold when installed, else /bin/true); every other line is as committed.
+copy whose ExecStart path is rewritten to an existing executable: the venv's
+sharedpoold (required when the tests run in a venv), else sharedpoold on PATH,
+else /bin/true; every other line is as committed.
 deploy/ci-checks.sh does the same and is where systemd-analyze is mandatory.
 """
 
@@ -76,9 +77,32 @@ def test_socket_listens_on_unix_and_tcp() -> None:
     assert not any(v.startswith(runtime_dir) for v in listens)
 
 
-def _verifiable_copy(tmp_path: Path) -> Path:
+def _sharedpoold_binary() -> str:
+    """The real sharedpoold: the console script of the venv running the tests.
+
+    In a venv (make's .venv, CI) it must exist: `pip install -e .` creates it from
+    pyproject.toml's [project.scripts]. Outside one, sharedpoold on PATH, else
+    /bin/true (only the path of ExecStart changes)."""
     venv_exe = Path(sys.prefix) / "bin" / "sharedpoold"
-    exe = str(venv_exe) if venv_exe.is_file() else "/bin/true"
+    if sys.prefix != sys.base_prefix:
+        assert venv_exe.is_file(), (
+            f"{venv_exe} missing: install the project into the venv (make, or "
+            "pip install -e .) so the units are verified against the real binary"
+        )
+        return str(venv_exe)
+    return shutil.which("sharedpoold") or "/bin/true"
+
+
+def test_verified_binary_is_the_real_daemon() -> None:
+    exe = _sharedpoold_binary()
+    if exe == "/bin/true":
+        pytest.skip("not in a venv and no sharedpoold on PATH: verified with /bin/true")
+    out = subprocess.run([exe, "--help"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and "--state-dir" in out.stdout, out.stdout + out.stderr
+
+
+def _verifiable_copy(tmp_path: Path) -> Path:
+    exe = _sharedpoold_binary()
     text = SERVICE.read_text(encoding="utf-8")
     assert f"ExecStart={COMMITTED_EXEC} " in text
     (tmp_path / SERVICE.name).write_text(
