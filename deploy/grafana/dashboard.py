@@ -5,8 +5,9 @@
 
 The JSON is committed; tests/deploy/test_dashboard.py regenerates it and fails
 when the committed file differs, so edit this file, never the JSON. Every
-PromQL expression here uses only metric names of DESIGN.md section 4, which
-tests/deploy/test_promql_names.py checks.
+PromQL expression here uses only metric names, labels and label values that the
+real daemon exports, which tests/deploy/test_promql_names.py checks against a
+live scrape of sharedpoold.
 
 The SDK version is pinned in pyproject.toml (dev extra): its builders target
 Grafana 11.6, the version deploy/compose.yaml runs.
@@ -40,6 +41,11 @@ DATASOURCE = dash_m.DataSourceRef(type_val="prometheus", uid=DATASOURCE_UID)
 
 # Every query selects the daemons chosen in the $instance variable.
 SEL = 'job="sharedpoold", instance=~"$instance"'
+# The page-allocator panels also select the zones chosen in $zone.
+ZONE_SEL = SEL + ', zone=~"$zone"'
+# Allocation results the pool is responsible for (SharedpoolAllocationsFailing):
+# too_large and invalid_size are requests no pool could serve.
+POOL_FAILURES = 'result=~"exhausted|no_memory|conversion_failed"'
 
 
 def query(expr: str, legend: str, ref_id: str) -> prom_b.Dataquery:
@@ -102,6 +108,24 @@ class Builder:
                 .label("Instance")
                 .datasource(DATASOURCE)
                 .query('label_values(sharedpool_build_info{job="sharedpoold"}, instance)')
+                .refresh(dash_m.VariableRefresh.ON_TIME_RANGE_CHANGED)
+                .sort(dash_m.VariableSort.ALPHABETICAL_ASC)
+                .multi(True)
+                .include_all(True)
+                .all_value(".*")
+            )
+            .with_variable(
+                dash_b.QueryVariable("zone")
+                .label("Zone")
+                .description(
+                    "Page-allocator zones (as in /proc/buddyinfo) shown by the page "
+                    "allocator panels. Normal (and DMA32) is where a driver's pages come from."
+                )
+                .datasource(DATASOURCE)
+                .query(
+                    "label_values(sharedpool_buddy_free_blocks"
+                    '{job="sharedpoold", instance=~"$instance"}, zone)'
+                )
                 .refresh(dash_m.VariableRefresh.ON_TIME_RANGE_CHANGED)
                 .sort(dash_m.VariableSort.ALPHABETICAL_ASC)
                 .multi(True)
@@ -180,7 +204,9 @@ class Builder:
         width: int = 6,
         height: int = 4,
         text_mode: common_m.BigValueTextMode = common_m.BigValueTextMode.AUTO,
+        mappings: dict[str, str] | None = None,
     ) -> None:
+        """mappings: displayed value -> text (e.g. "0" -> "not ready")."""
         panel = (
             stat_b.Panel()
             .id(self._id())
@@ -196,6 +222,17 @@ class Builder:
             .text_mode(text_mode)
             .reduce_options(common_b.ReduceDataOptions().calcs(["lastNotNull"]))
         )
+        if mappings:
+            panel = panel.mappings(
+                [
+                    dash_m.ValueMap(
+                        options={
+                            value: dash_m.ValueMappingResult(text=text, index=i)
+                            for i, (value, text) in enumerate(mappings.items())
+                        }
+                    )
+                ]
+            )
         for i, (expr, legend) in enumerate(targets):
             panel = panel.with_target(query(expr, legend, chr(ord("A") + i)))
         self.dashboard.with_panel(panel)
@@ -260,6 +297,17 @@ def build() -> dash_m.Dashboard:
         ],
     )
     b.stat(
+        "Ready",
+        "1 when every selected daemon has its pool built or restored and serves the API "
+        "(sharedpool_ready); 0 while starting, restoring, stopping or failed "
+        "(alert SharedpoolNotReady).",
+        "none",
+        [(f"min(sharedpool_ready{{{SEL}}})", "ready")],
+        [(None, "red"), (1, "green")],
+        width=4,
+        mappings={"0": "not ready", "1": "ready"},
+    )
+    b.stat(
         "Pool used",
         "Used bytes over pool size.",
         "percentunit",
@@ -271,6 +319,7 @@ def build() -> dash_m.Dashboard:
             )
         ],
         [(None, "green"), (0.8, "orange"), (0.95, "red")],
+        width=4,
     )
     b.stat(
         "Clients",
@@ -278,6 +327,7 @@ def build() -> dash_m.Dashboard:
         "short",
         [(f"sum(sharedpool_clients{{{SEL}}})", "clients")],
         [(None, "blue")],
+        width=4,
     )
     b.stat(
         "Buffers",
@@ -285,6 +335,22 @@ def build() -> dash_m.Dashboard:
         "short",
         [(f"sum(sharedpool_buffers{{{SEL}}})", "buffers")],
         [(None, "blue")],
+        width=4,
+    )
+    b.stat(
+        "Refused allocations",
+        "Allocations refused over the dashboard's time range for want of memory "
+        "(exhausted, no_memory) or because the conversion failed "
+        "(alert SharedpoolAllocationsFailing).",
+        "short",
+        [
+            (
+                f"sum(increase(sharedpool_allocations_total{{{SEL}, {POOL_FAILURES}}}[$__range]))",
+                "refused",
+            )
+        ],
+        [(None, "green"), (1, "orange")],
+        width=4,
     )
     b.stat(
         "Version",
@@ -292,6 +358,7 @@ def build() -> dash_m.Dashboard:
         "short",
         [(f"count by (version) (sharedpool_build_info{{{SEL}}})", "{{version}}")],
         [(None, "text")],
+        width=4,
         text_mode=common_m.BigValueTextMode.NAME,
     )
 
@@ -321,7 +388,9 @@ def build() -> dash_m.Dashboard:
     )
     b.timeseries(
         "Allocations and frees",
-        "Allocation rate by result, and free rate.",
+        "Allocation rate by result (ok; exhausted and no_memory: no memory for it; "
+        "conversion_failed: its pages were leaked; too_large, invalid_size: a request no "
+        "pool could serve), and free rate.",
         "ops",
         [
             (
@@ -361,7 +430,8 @@ def build() -> dash_m.Dashboard:
     b.timeseries(
         "Converted bytes and modeled conversion time",
         "Bytes converted per second by direction (left axis), and the mean modeled "
-        "time of one conversion from the cost profile (right axis).",
+        "conversion time (cost profile) spent per allocation, synchronous growth "
+        "included (right axis).",
         "Bps",
         [
             (
@@ -373,7 +443,7 @@ def build() -> dash_m.Dashboard:
                 f"sum(rate(sharedpool_modeled_conversion_seconds_sum{{{SEL}}}[$__rate_interval]))"
                 f" / sum(rate(sharedpool_modeled_conversion_seconds_count{{{SEL}}}"
                 "[$__rate_interval]))",
-                "mean modeled seconds per conversion",
+                "mean modeled conversion seconds per allocation",
             ),
         ],
         right_axis={"B": "s"},
@@ -411,14 +481,15 @@ def build() -> dash_m.Dashboard:
     b.row("Page allocator")
     b.timeseries(
         "Fragmentation index by order",
-        "Kernel extfrag fragmentation index per requested order (divided by 1000): "
-        "-1 means a suitable block exists; towards 1 a failure would be due to "
-        "fragmentation, towards 0 due to lack of memory.",
+        "Kernel extfrag fragmentation index per zone and requested order (divided by "
+        "1000): -1 means a suitable block is free; towards 1 a failure would be due to "
+        "fragmentation, towards 0 due to lack of memory. The worst of the selected "
+        "daemons.",
         "none",
         [
             (
-                f"max by (order) (sharedpool_fragmentation_index{{{SEL}}})",
-                "order {{order}}",
+                f"max by (zone, order) (sharedpool_fragmentation_index{{{ZONE_SEL}}})",
+                "{{zone}} order {{order}}",
             )
         ],
         minimum=-1,
@@ -426,24 +497,25 @@ def build() -> dash_m.Dashboard:
     )
     b.timeseries(
         "Unusable free index by order",
-        "Fraction of free memory unusable for an allocation of this order (kernel "
-        "unusable_index / 1000).",
+        "Fraction of a zone's free memory unusable for an allocation of this order "
+        "(kernel unusable_index / 1000). The worst of the selected daemons.",
         "percentunit",
         [
             (
-                f"max by (order) (sharedpool_unusable_free_index{{{SEL}}})",
-                "order {{order}}",
+                f"max by (zone, order) (sharedpool_unusable_free_index{{{ZONE_SEL}}})",
+                "{{zone}} order {{order}}",
             )
         ],
         maximum=1,
     )
     b.timeseries(
         "Buddy free blocks by order",
-        "Free blocks on each buddy free list (/proc/buddyinfo), summed over zones.",
+        "Free blocks on each buddy free list (/proc/buddyinfo), summed over the "
+        "selected zones and daemons.",
         "short",
         [
             (
-                f"sum by (order) (sharedpool_buddy_free_blocks{{{SEL}}})",
+                f"sum by (order) (sharedpool_buddy_free_blocks{{{ZONE_SEL}}})",
                 "order {{order}}",
             )
         ],
@@ -453,20 +525,40 @@ def build() -> dash_m.Dashboard:
     b.row("Safety")
     b.stat(
         "Hazard pages",
-        "Pages whose private and shared aliases disagree. Must be 0: a private alias "
-        "to a shared page is fatal in a real guest.",
+        "Pages with a mapping that disagrees with the page's state. Must be 0: a private "
+        "alias to a shared page is fatal in a real guest (alert SharedpoolHazardPages).",
         "short",
-        [(f"sum by (kind) (sharedpool_hazard_pages{{{SEL}}})", "{{kind}}")],
+        [
+            (
+                f'sum by (kind) (sharedpool_hazard_pages{{{SEL}, kind!="unknown_state"}})',
+                "{{kind}}",
+            )
+        ],
         [(None, "green"), (1, "red")],
-        width=12,
+        width=8,
+    )
+    b.stat(
+        "Pages of unknown state",
+        "Pages whose conversion failed: their state is unknown, so they are leaked and "
+        "never mapped again. Not a mapping hazard; their bytes are in Leaked bytes.",
+        "short",
+        [
+            (
+                f'sum(sharedpool_hazard_pages{{{SEL}, kind="unknown_state"}})',
+                "unknown state",
+            )
+        ],
+        [(None, "green"), (1, "orange")],
+        width=8,
     )
     b.stat(
         "Leaked bytes",
-        "Memory leaked on purpose because re-encryption failed (lost until reboot).",
+        "Memory leaked on purpose because a conversion failed (lost until reboot; "
+        "alert SharedpoolLeakedBytes).",
         "bytes",
         [(f"sum(sharedpool_leaked_bytes{{{SEL}}})", "leaked")],
         [(None, "green"), (1, "orange")],
-        width=12,
+        width=8,
     )
 
     return b.dashboard.build()
