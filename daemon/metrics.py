@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Histogram, Info
+from prometheus_client import CollectorRegistry, Histogram, Info, disable_created_metrics
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -190,12 +190,14 @@ class Metrics:
     """The app's registry and the daemon's own instruments."""
 
     def __init__(self, service: Service, version: str) -> None:
+        # The *_created series are outside the contract and only add noise to every scrape.
+        disable_created_metrics()
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(PoolCollector(service))
         self.alloc_duration = Histogram(
             P + "alloc_duration_seconds",
-            "Time to serve an allocation inside the daemon "
-            "(strategy call), by requested size class",
+            "Time to answer an allocation request inside the daemon "
+            "(strategy call; served or refused), by requested size class",
             ["size_class"],
             buckets=ALLOC_BUCKETS,
             registry=self.registry,
