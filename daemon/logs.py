@@ -15,6 +15,13 @@ _STD = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "a
 _BEARER = re.compile(r"(?i)(bearer\s+)[A-Za-z0-9._~+/=-]+")
 
 
+def redact(text: str) -> str:
+    """Mask bearer tokens in a formatted log line, traceback included: aiohttp's parser errors
+    quote the offending header line (an over-long Authorization header put a live token in
+    the log through the traceback, past the message-only filter)."""
+    return _BEARER.sub(r"\1<redacted>", text) if "earer" in text else text
+
+
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         out: dict[str, Any] = {
@@ -29,7 +36,7 @@ class JsonFormatter(logging.Formatter):
                 out[key] = value
         if record.exc_info:
             out["exc"] = self.formatException(record.exc_info)
-        return json.dumps(out, default=str)
+        return redact(json.dumps(out, default=str))
 
 
 class TextFormatter(logging.Formatter):
@@ -41,7 +48,7 @@ class TextFormatter(logging.Formatter):
         extra = {k: v for k, v in vars(record).items() if k not in _STD and not k.startswith("_")}
         if extra:
             text += " " + " ".join(f"{k}={v}" for k, v in extra.items())
-        return text
+        return redact(text)
 
 
 class RedactFilter(logging.Filter):
