@@ -72,6 +72,10 @@ def _depth(obj: Any) -> int:
 async def read_body(request: web.Request, *, optional: bool = False) -> dict[str, Any]:
     """The request's JSON object. `optional`: an empty body reads as {}."""
     ctype = request.headers.get("Content-Type", "")
+    limit = request.app[keys.CONFIG]["daemon.body_limit"]
+    if request.content_length is not None and request.content_length > limit:
+        # answer at once: read() would wait for a declared body that may never come
+        raise Problem("body-too-large", f"the body exceeds {limit} bytes")
     raw = await request.read()  # raises 413 past client_max_size
     if not raw.strip():
         if optional:
