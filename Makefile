@@ -16,11 +16,14 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 run: $(STAMP)
+	$(BIN)/python scripts/run_demo.py
+
+demo-guest: $(STAMP)
 	$(BIN)/python -m pool.guest demo
 
 lint: $(STAMP)
-	$(BIN)/ruff check pool daemon hv_netvsc_sim tests bench
-	$(BIN)/ruff format --check pool daemon hv_netvsc_sim tests bench
+	$(BIN)/ruff check pool daemon hv_netvsc_sim tests bench scripts
+	$(BIN)/ruff format --check pool daemon hv_netvsc_sim tests bench scripts
 
 typecheck: $(STAMP)
 	$(BIN)/mypy pool daemon hv_netvsc_sim
