@@ -23,6 +23,15 @@ Per strategy (DESIGN.md section 4, `compare --json`):
    (setup and run), counted on the driver's side of the client seam;
    `alloc_latency_seconds`: p50 / p99 wall clock of the successful allocate calls.
 
+Extra keys (the contract allows them): `series` also has level-3 splits, DirectMap2M/1G
+bytes, pages converted, modeled seconds, cumulative failures and the mean allocate latency
+of each cycle; `driver` (DriverStats: probes, failures by reason and by buffer, leaks,
+packets), `host` (HostStats: GPADLs and their messages, refusals, use-after-free writes),
+`events` (counts by kind) and `buffer_checks` (can the strategy serve a default ring, the
+default and the largest send and receive buffers at all; tried once after the run, because
+a strategy that refuses the ring - swiotlb, 256 KiB at most - never gets as far as the
+receive buffer in the scenario).
+
 Everything except the latency figures is a pure function of the configuration: the same
 seed gives the same JSON.
 """
