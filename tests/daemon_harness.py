@@ -87,6 +87,7 @@ def write_toml(path: Path, daemon: Mapping[str, Any]) -> Path:
 def spawn(tmp: Path, *args: str, daemon_toml: Mapping[str, Any] | None = None, **kw: Any) -> Daemon:
     """test_daemon_support.Daemon, with an optional [daemon] TOML file. Flags given in `args`
     override SMALL's (argparse keeps the last)."""
+    tmp.mkdir(parents=True, exist_ok=True)
     extra: list[str] = []
     if daemon_toml:
         cfg = write_toml(tmp / f"daemon-{time.monotonic_ns()}.toml", daemon_toml)
