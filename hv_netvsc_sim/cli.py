@@ -86,7 +86,13 @@ def _add_guest_options(p: argparse.ArgumentParser) -> None:
         help="guest RAM (default 16GiB; a 3-4 GiB PCI hole is modeled)",
     )
     p.add_argument("--platform", choices=("tdx", "snp", "none"), default="tdx")
-    p.add_argument("--seed", type=int, default=1, help="seed of the guest and the events")
+    p.add_argument(
+        "--seed",
+        type=_int_at_least(0, "--seed"),
+        default=1,
+        metavar="S",
+        help="seed of the guest and the events (default 1)",
+    )
     p.add_argument(
         "--age-steps",
         type=_int_at_least(0, "--age-steps"),

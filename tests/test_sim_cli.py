@@ -65,6 +65,7 @@ def test_help(capsys):
         ["run", "--guest-memory", "3x"],
         ["run", "--guest-memory", "5MiB"],  # not a valid guest
         ["compare", "--cycles", "0"],
+        ["compare", "--seed", "-1"],
         ["compare", "--platform", "sev"],
         ["compare", "--age-steps", "-5"],
         ["compare", "--strategies", "pool,nope"],
