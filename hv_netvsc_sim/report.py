@@ -139,7 +139,7 @@ def compare_table(doc: Mapping[str, Any]) -> Table:
 def summary_table(title: str, rows: Mapping[str, Any]) -> Table:
     table = Table(title=title, title_justify="left", show_header=False)
     table.add_column("what")
-    table.add_column("value", justify="right")
+    table.add_column("value", justify="right", max_width=72)
     for key, value in rows.items():
         if isinstance(value, float):
             text = f"{value:,.6g}"
