@@ -16,8 +16,12 @@ Why it is built this way:
 - Growth happens in the background (maintain(), from a work item or an asyncio task)
   between the low and high watermarks, and synchronously inside allocate() when the
   request cannot be served from what is free; bounded by max_bytes, it never blocks.
-- Shrink returns whole free chunks that stayed above the high watermark for longer
-  than the hysteresis, re-encrypting them first. A chunk whose re-encryption fails is
+- Shrink returns whole free chunks once free memory has stayed above the high watermark
+  for the whole hysteresis period, re-encrypting them first, and never below the peak
+  use seen within the last `shrink_window_seconds` plus the high watermark: memory a
+  recurring peak (a vNIC detached and re-attached with bigger rings) needs again is
+  kept, or every peak would cost a shrink and a growth, the conversions the pool exists
+  to avoid. A chunk whose re-encryption fails is
   leaked (its pages' state is unknown: CVE-2024-36911), never returned.
 - Optional boot reservation: a 1 GiB-aligned region claimed before the guest ages and
   decrypted whole, so not even a 1 GiB leaf splits: the physical limit of option 3.
@@ -130,6 +134,7 @@ class SharedPool:
         high_watermark_bytes: int = 96 * MiB,
         grow_step_bytes: int = 32 * MiB,
         shrink_hysteresis_seconds: float = 30.0,
+        shrink_window_seconds: float = 600.0,
         boot_reserve_bytes: int = 0,
         max_buffer_bytes: int = 64 * MiB,
     ) -> None:
@@ -149,6 +154,7 @@ class SharedPool:
         self.high_watermark_bytes = high_watermark_bytes
         self.grow_step_bytes = grow_step_bytes
         self.shrink_hysteresis_seconds = shrink_hysteresis_seconds
+        self.shrink_window_seconds = shrink_window_seconds
         self.boot_reserve_bytes = boot_reserve_bytes
         self.max_buffer_bytes = max_buffer_bytes
         self.ledger = Ledger()
@@ -162,6 +168,9 @@ class SharedPool:
         self.grows = 0
         self.shrinks = 0
         self.now = 0.0
+        self._above_high_since: float | None = None  # free > high watermark since then
+        self._peak_used_pages = 0  # the most pages used within the current window
+        self._peak_since = 0.0
 
     # ---- life cycle -----------------------------------------------------------------
 
@@ -263,12 +272,16 @@ class SharedPool:
         return True
 
     def shrink(self, now: float | None = None, force: bool = False) -> int:
-        """Return whole free chunks while free memory stays at or above the high watermark
-        (force: down to the initial size, ignoring the watermark and the hysteresis). Boot-region
-        chunks stay. Returns the bytes given back to the page allocator."""
+        """Return whole free chunks idle for the hysteresis while free memory stays at or above
+        the high watermark and the pool at or above the window's peak use plus the high
+        watermark (force: down to the initial size, ignoring watermarks, peak and hysteresis).
+        Boot-region chunks stay. Returns the bytes given back to the page allocator."""
         now = self.now if now is None else now
-        floor = 0 if force else self.high_watermark_bytes // PAGE_SIZE
+        high = self.high_watermark_bytes // PAGE_SIZE
+        floor = 0 if force else high
         min_pages = self.initial_bytes // PAGE_SIZE
+        if not force:
+            min_pages = max(min_pages, self._peak_used_pages + high)
         candidates = sorted(
             (c for o in CHUNK_ORDERS for c in self._free[o] if not c.boot),
             key=lambda c: (c.free_since, c.pfn),
@@ -288,16 +301,27 @@ class SharedPool:
         return released
 
     def maintain(self, now: float) -> bool:
-        """One background step: grow below the low watermark, shrink above the high one."""
+        """One background step: grow below the low watermark; shrink once free memory has
+        stayed above the high watermark for the hysteresis period."""
         self.now = now
+        used = self.size_pages - self.free_pages
+        if used >= self._peak_used_pages or now - self._peak_since > self.shrink_window_seconds:
+            self._peak_used_pages = used
+            self._peak_since = now
         free = self.free_pages * PAGE_SIZE
         if free < self.low_watermark_bytes and self.size_pages * PAGE_SIZE < self.max_bytes:
+            self._above_high_since = None
             return self.grow(self.grow_step_bytes) > 0
-        if free > self.high_watermark_bytes:
-            before = self.shrinks
-            self.shrink(now)
-            return self.shrinks != before
-        return False
+        if free <= self.high_watermark_bytes:
+            self._above_high_since = None
+            return False
+        if self._above_high_since is None:
+            self._above_high_since = now
+        if now - self._above_high_since < self.shrink_hysteresis_seconds:
+            return False
+        before = self.shrinks
+        self.shrink(now)
+        return self.shrinks != before
 
     # ---- allocation -------------------------------------------------------------------
 
@@ -387,6 +411,10 @@ class SharedPool:
                     "no_memory", f"the page allocator cannot supply chunks for {size} bytes"
                 )
         self.free_pages -= npages
+        used = self.size_pages - self.free_pages
+        if used >= self._peak_used_pages:  # reaching the peak again renews it
+            self._peak_used_pages = used
+            self._peak_since = self.now
         runs: list[tuple[int, int]] = []
         for _, pfn, n in pieces:  # coalesce adjacent pieces into ranges
             if runs and runs[-1][0] + runs[-1][1] == pfn:

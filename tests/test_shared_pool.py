@@ -158,19 +158,71 @@ def test_shrink_waits_for_the_hysteresis_and_keeps_the_high_watermark():
         high_watermark_bytes=16 * MiB,
         low_watermark_bytes=0,
         shrink_hysteresis_seconds=10.0,
+        shrink_window_seconds=20.0,
     )
     p.maintain(0.0)
     bufs = [p.allocate(4 * MiB, "a") for _ in range(12)]  # grows synchronously to 48+ MiB
     for b in bufs:
         p.free(b.id, "a")
     size = p.stats().size_bytes
-    assert p.maintain(5.0) is False and p.stats().size_bytes == size  # too soon
-    assert p.maintain(10.0) is True
+    assert p.maintain(5.0) is False  # free above the high watermark from now on
+    assert p.maintain(14.0) is False and p.stats().size_bytes == size  # not 10 s yet
+    assert p.maintain(16.0) is False  # 11 s above, but the 48 MiB peak is within the window
+    assert p.maintain(21.0) is True  # the window has passed: the peak no longer holds
     s = p.stats()
     assert s.free_bytes >= 16 * MiB and s.size_bytes < size and s.shrinks == 1
     assert g.stats.conversions_to_private > 0
     p.check_invariants()
     g.check_invariants()
+
+
+def test_a_dip_below_the_high_watermark_restarts_the_hysteresis():
+    p = pool(
+        initial_bytes=16 * MiB,
+        high_watermark_bytes=16 * MiB,
+        low_watermark_bytes=0,
+        shrink_hysteresis_seconds=10.0,
+        shrink_window_seconds=0.0,
+    )
+    bufs = [p.allocate(4 * MiB, "a") for _ in range(8)]
+    for b in bufs:
+        p.free(b.id, "a")
+    p.maintain(0.0)  # above since 0
+    dip = [p.allocate(4 * MiB, "a") for _ in range(8)]  # free drops to the watermark
+    p.maintain(9.0)
+    for b in dip:
+        p.free(b.id, "a")
+    assert p.maintain(12.0) is False  # above again only since 12
+    assert p.maintain(22.0) is True
+
+
+def test_recurring_peaks_within_the_window_cost_no_conversion():
+    g = guest()
+    p = pool(
+        g,
+        initial_bytes=16 * MiB,
+        high_watermark_bytes=8 * MiB,
+        low_watermark_bytes=4 * MiB,
+        shrink_hysteresis_seconds=5.0,
+    )
+    t = 0.0
+    for _ in range(3):  # warm up to the peak working set
+        bufs = [p.allocate(16 * MiB, "a") for _ in range(3)]
+        for b in bufs:
+            p.free(b.id, "a")
+        for _ in range(20):
+            t += 3.0
+            p.maintain(t)
+    before = g.stats.snapshot()
+    for _ in range(10):  # the same peak every minute: kept, never shrunk and re-grown
+        bufs = [p.allocate(16 * MiB, "a") for _ in range(3)]
+        for b in bufs:
+            p.free(b.id, "a")
+        for _ in range(20):
+            t += 3.0
+            p.maintain(t)
+    assert (g.stats.snapshot() - before).hypercalls == 0
+    p.check_invariants()
 
 
 def test_reencryption_failure_during_shrink_leaks_the_chunk():

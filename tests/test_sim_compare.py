@@ -179,12 +179,5 @@ def test_full_default_compare_200_cycles(full):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="SharedPool with its default settings shrinks in the second half (re-encryption "
-    "hypercalls at cycles 111 and 116 of 200): after the growth at cycle 77 (both vNICs at "
-    "31 + 15 MiB), a hot remove's transient dip puts free memory above the high watermark "
-    "and chunks idle for the 30 s hysteresis are released. Reported to the lead (pool/shared.py).",
-)
 def test_full_default_compare_pool_flat(full):
     check_pool_flat(full)
