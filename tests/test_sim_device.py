@@ -220,6 +220,7 @@ async def test_reencryption_failure_in_pool_shrink_after_remove():
         low_watermark_bytes=0,
         high_watermark_bytes=0,
         shrink_hysteresis_seconds=0.0,
+        shrink_window_seconds=0.0,  # do not keep the peak just seen: return everything
     )
     dev = NetvscDevice("eth0", client, host, DeviceSettings(channels=1))
     await dev.probe()
