@@ -27,6 +27,7 @@ from hv_netvsc_sim.compare import (
     CompareConfig,
     GuestFactory,
     boot_on,
+    default_jobs,
     run_compare,
 )
 from hv_netvsc_sim.host import HyperVHost
@@ -193,6 +194,14 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("--json", action="store_true", help="print the compare JSON on stdout")
     cmp.add_argument("--plot", metavar="FILE.png", help="write the plot (matplotlib) to FILE")
     cmp.add_argument("--quiet", action="store_true", help="no progress output")
+    cmp.add_argument(
+        "--jobs",
+        type=int,
+        default=0,
+        metavar="N",
+        help="strategies run in N worker processes (default 0: one per CPU); the output is "
+        "the same for any N, wall-clock latencies aside",
+    )
     cmp.set_defaults(func=_compare)
     return parser
 
@@ -225,10 +234,13 @@ def _compare(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         parser.error(str(exc))
     if args.plot is not None and not args.plot:
         parser.error("--plot needs a file name")
+    if args.jobs < 0:
+        parser.error("--jobs must be >= 0 (0: one per CPU)")
+    jobs = args.jobs or default_jobs(len(config.strategies))
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
     with ProgressReporter(enabled=not args.quiet) as progress:
-        doc = run_compare(config, progress, timings)
+        doc = run_compare(config, progress, timings, jobs=jobs)
     if args.json:
         json.dump(doc, sys.stdout)
         sys.stdout.write("\n")

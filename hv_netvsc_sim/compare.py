@@ -39,8 +39,11 @@ seed gives the same JSON.
 from __future__ import annotations
 
 import asyncio
+import multiprocessing
+import os
 import time
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from typing import Any
 
 import attrs
@@ -328,26 +331,78 @@ async def _run_one(
     return result, model
 
 
+def _run_one_sync(
+    name: str, config: CompareConfig, factory: GuestFactory, progress: Progress | None
+) -> tuple[dict[str, Any], float, float, float]:
+    t0 = time.perf_counter()
+    aging0 = factory.aging_seconds
+    result, model = asyncio.run(_run_one(name, config, factory, progress))
+    aging = factory.aging_seconds - aging0
+    return result, model, time.perf_counter() - t0 - aging, aging
+
+
+_FORKED: tuple[CompareConfig, GuestFactory] | None = None  # inherited by forked workers
+
+
+def _worker(name: str) -> tuple[dict[str, Any], float, float, float]:
+    assert _FORKED is not None
+    config, factory = _FORKED
+    return _run_one_sync(name, config, factory, None)
+
+
+def default_jobs(nstrategies: int) -> int:
+    return max(1, min(nstrategies, os.cpu_count() or 1))
+
+
 def run_compare(
-    config: CompareConfig, progress: Progress | None = None, timings: dict[str, float] | None = None
+    config: CompareConfig,
+    progress: Progress | None = None,
+    timings: dict[str, float] | None = None,
+    jobs: int = 1,
 ) -> dict[str, Any]:
     """Run every configured strategy; the result is the `compare --json` document.
+
+    jobs > 1 runs strategies in forked worker processes (each strategy on its own copy of
+    the guest, so the document is the same; only wall-clock latencies differ). The shared
+    aged guest is aged once in this process before forking, and the workers inherit it.
 
     `timings`, when given, receives wall-clock seconds (never part of the document): per
     strategy its total (aging excluded), `<name>/model` the part spent inside the guest model
     and the strategy, and `aging` the total spent aging guests."""
+    global _FORKED
     factory = GuestFactory(config.guest_config(), config.age_steps, progress)
     out: dict[str, Any] = {"config": config.as_json(), "strategies": {}}
+    results: dict[str, tuple[dict[str, Any], float, float, float]] = {}
+    jobs = min(jobs, len(config.strategies))
+    if jobs <= 1 or "fork" not in multiprocessing.get_all_start_methods():
+        for name in config.strategies:
+            results[name] = _run_one_sync(name, config, factory, progress)
+    else:
+        factory.aged()  # age the shared guest here, once; forked workers inherit it
+        shared_aging = factory.aging_seconds
+        _FORKED = (config, factory)
+        # the costliest first (page-by-page strategies), so two workers stay balanced
+        order = sorted(config.strategies, key=lambda n: not n.startswith("vmalloc"))
+        try:
+            context = multiprocessing.get_context("fork")
+            with ProcessPoolExecutor(jobs, mp_context=context) as pool:
+                futures = {name: pool.submit(_worker, name) for name in order}
+                for name in order:
+                    results[name] = futures[name].result()
+                    if progress is not None:
+                        progress(name, config.cycles, config.cycles)
+        finally:
+            _FORKED = None
+        first = next(iter(results))
+        results[first] = (*results[first][:3], results[first][3] + shared_aging)
     for name in config.strategies:
-        t0 = time.perf_counter()
-        aging0 = factory.aging_seconds
-        result, model = asyncio.run(_run_one(name, config, factory, progress))
+        result, model, seconds, _ = results[name]
         out["strategies"][name] = result
         if timings is not None:
-            timings[name] = time.perf_counter() - t0 - (factory.aging_seconds - aging0)
+            timings[name] = seconds
             timings[f"{name}/model"] = model
     if timings is not None:
-        timings["aging"] = factory.aging_seconds
+        timings["aging"] = sum(r[3] for r in results.values())
     return out
 
 

@@ -130,8 +130,9 @@ def test_same_seed_same_json_except_latency():
         age_steps=20_000,
         strategies=("pool", "vmalloc-directmap", "swiotlb"),
     )
-    a, b = run_compare(config), run_compare(config)
+    a, b = run_compare(config), run_compare(config, jobs=2)  # sequential vs forked workers
     assert strip_latency(a) == strip_latency(b)
+    assert list(b["strategies"]) == list(config.strategies)
     assert "alloc_latency_seconds" not in strip_latency(a)["strategies"]["pool"]
     other = run_compare(
         CompareConfig(
