@@ -173,7 +173,8 @@ POOL_STEPS: list[tuple[str, Action]] = [
     ("fill", lambda s: s.fill("a", 2 * MiB)),
     ("maintain-growth", lambda s: s.maintain()),  # free below the low watermark: grows
     ("free-all", lambda s: s.free_all()),
-    ("admin-grow-2", lambda s: s.admin("/v1/pool/grow", {"bytes": 16 * MiB})),
+    # well above the peak use + high watermark (the shrink policy keeps that much)
+    ("admin-grow-2", lambda s: s.admin("/v1/pool/grow", {"bytes": 24 * MiB})),
     ("maintain-shrink", lambda s: s.maintain()),  # free above the high watermark: shrinks
     ("admin-shrink", lambda s: s.admin("/v1/pool/shrink", {"force": True})),
     ("alloc-after", lambda s: s.alloc("a", "a3", 2 * MiB)),
