@@ -191,7 +191,7 @@ class Metrics:
 
     def __init__(self, service: Service, version: str) -> None:
         # The *_created series are outside the contract and only add noise to every scrape.
-        disable_created_metrics()
+        disable_created_metrics()  # type: ignore[no-untyped-call]
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(PoolCollector(service))
         self.alloc_duration = Histogram(
