@@ -20,7 +20,7 @@ import asyncio
 import random
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import attrs
 import numpy as np
@@ -36,7 +36,9 @@ DESIGNED = {P + "pool-exhausted", P + "conversion-failed"}
 
 
 def _service(api: Checked) -> Service:
-    return api.client.server.app[keys.SERVICE]
+    app: Any = api.client.app
+    service: Service = app[keys.SERVICE]
+    return service
 
 
 def _pfns(buf: dict[str, Any]) -> np.ndarray:
@@ -90,7 +92,7 @@ async def _end_checks(api: Checked) -> dict[str, Any]:
         if s.name == "sharedpool_leaked_bytes"
     ]
     assert leaked == [pool["strategy"]["leaked_bytes"]]
-    return pool
+    return cast(dict[str, Any], pool)
 
 
 # ---- deterministic positions -----------------------------------------------------------------
@@ -138,7 +140,7 @@ class Scenario:
     async def fill(self, who: str, below: int) -> tuple[int, Any, Any]:
         """Allocate the largest free extent until fewer than `below` bytes are free (never a
         growth: each request fits in one chunk)."""
-        status, body, hdrs = 200, {}, {}
+        status, body, hdrs = 200, cast(Any, {}), cast(Any, {})
         for i in range(16):
             _, pool, _ = await self.api("GET", "/v1/pool")
             free, largest = pool["strategy"]["free_bytes"], pool["strategy"]["largest_free_bytes"]
@@ -149,7 +151,7 @@ class Scenario:
         return status, body, hdrs
 
     async def free_all(self) -> tuple[int, Any, Any]:
-        status, body, hdrs = 200, {}, {}
+        status, body, hdrs = 200, cast(Any, {}), cast(Any, {})
         for key in sorted(self.bufs):
             status, body, hdrs = await self.free(self.owners[key], key)
             assert status == 200, body

@@ -115,7 +115,7 @@ async def _status(url: str, token: str | None, method: str, path: str, body: Any
         return 200
 
 
-ADMIN_ROUTES = (
+ADMIN_ROUTES: tuple[tuple[str, str, Any], ...] = (
     ("POST", "/v1/pool/grow", {"bytes": 4096}),
     ("POST", "/v1/pool/shrink", {}),
     ("GET", "/v1/debug/invariants", None),
