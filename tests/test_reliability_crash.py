@@ -11,8 +11,10 @@ what the clients were told before the crash:
 - the clients carry on with their old tokens: list, get, free and allocate (ids handed out
   after a restart are never ones handed out before).
 
-The default run is 20 trials on the tests' small pristine guest with short loads; the slow
-variant runs 60 trials with fsync'ed commits on an aged guest.
+The default run is 20 trials on the tests' small pristine guest with short loads, with
+conversion failures injected (the first two growths, then 5 % of calls) and background
+growth and shrink racing the clients, so that leaks must replay too; the slow variant runs
+60 trials with fsync'ed commits on an aged guest, with failures too.
 """
 
 from __future__ import annotations
@@ -136,6 +138,9 @@ async def _trials(
         async with SharedPoolClient(d.unix_url, token=ADMIN_TOKEN) as admin:
             inv = await admin.invariants()
             assert inv["ok"] and inv["buffers"] == 0, inv
+            pool = await admin.stats()
+        report["leaked_bytes"] = pool["strategy"]["leaked_bytes"]
+        report["unknown_pages"] = pool["guest"]["hazard_pages"]["unknown_state"]
         d.signal(signal.SIGTERM)
         assert d.wait() == 0, d.output()
     finally:
@@ -145,9 +150,15 @@ async def _trials(
 
 
 async def test_kill9_at_random_points(tmp_path: Path) -> None:
-    report = await _trials(tmp_path, trials=20, seed=7, clients=6, max_delay=0.35)
+    # with conversion failures and "retry from X" answers injected: the replay must reproduce
+    # every leak (a leaked chunk stays leaked across restarts, never back in the allocator)
+    faults = ["--fail-rate", "0.05", "--retry-rate", "0.1", "--fault-seed", "3"]
+    faults += ["--fail-calls", "2,3"]  # the first two growths fail for sure
+    faults += ["--shrink-hysteresis", "0", "--maintain-interval", "0.01"]
+    report = await _trials(tmp_path, trials=20, seed=7, clients=6, max_delay=0.35, extra=faults)
     print("crash recovery:", report)
     assert report["kills_under_load"] + report["kills_while_starting"] == 20
+    assert report["leaked_bytes"] > 0 and 0 < report["unknown_pages"] <= report["leaked_bytes"]
     assert report["kills_under_load"] >= 12 and report["allocations"] > 0
     # every start after a kill under load was verified (the first start has nothing to verify)
     assert report["restarts_verified"] == report["kills_under_load"]
@@ -161,7 +172,11 @@ async def test_kill9_at_random_points_aged_fsync(tmp_path: Path) -> None:
         seed=11,
         clients=12,
         max_delay=1.5,
-        extra=["--age-steps", "20000", "--synchronous", "full", "--guest-memory", "1GiB"],
+        extra=[
+            *("--age-steps", "20000", "--synchronous", "full", "--guest-memory", "1GiB"),
+            *("--fail-rate", "0.02", "--fail-calls", "2", "--fault-seed", "5"),
+        ],
     )
     print("crash recovery (aged, fsync):", report)
     assert report["kills_under_load"] + report["kills_while_starting"] == 60
+    assert report["leaked_bytes"] > 0
