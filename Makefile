@@ -41,3 +41,16 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+
+# Reliability (issue 7): not in the default test run.
+.PHONY: soak fuzz load
+SOAK_SECONDS ?= 600
+soak: $(STAMP)
+	$(BIN)/python bench/soak.py --duration $(SOAK_SECONDS)
+FUZZ_EXAMPLES ?= 500
+FUZZ_SECONDS ?= 900
+fuzz: $(STAMP)
+	SHAREDPOOL_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) SHAREDPOOL_FUZZ_SECONDS=$(FUZZ_SECONDS) SHAREDPOOL_FUZZ_RANDOM=1 \
+		$(BIN)/python -m pytest -q -s tests/test_reliability_fuzz.py
+load: $(STAMP)
+	$(BIN)/python bench/load.py --cycles 1000
