@@ -39,12 +39,10 @@ from pool.ownership import (
     direct_map_va,
 )
 from pool.strategy import (
-    AllocationError,
     Buffer,
     FreeResult,
     PfnRange,
     StrategyStats,
-    check_size,
     round_pages,
 )
 
@@ -173,10 +171,7 @@ class AtomicPool:
     # -- requests ---------------------------------------------------------------------------
     def allocate(self, size: int, owner: str, purpose: str = "") -> Buffer:
         led = self.ledger
-        try:
-            size = check_size(size)
-        except AllocationError as err:
-            raise led.fail(err) from None
+        size = led.checked_size(size)
         if size > MAX_CHUNK_BYTES:
             raise led.fail(
                 "too_large",

@@ -3,7 +3,7 @@ the monotonic buffer-id counter, and the allocation / failure / free counters.
 
 A strategy owns one `Ledger`. The allocation path is::
 
-    size = check_size(size)            # may raise; record it: raise ledger.fail(err)
+    size = ledger.checked_size(size)    # invalid_size / too_large, counted and raised
     ...take memory...                   # on refusal: raise ledger.fail("exhausted", "...")
     buf = Buffer(id=ledger.next_id(), ...)
     ledger.add(buf)                     # counts the allocation
@@ -32,7 +32,14 @@ import numpy.typing as npt
 
 from pool.guest import PAGE_SHARED, SHARED, Guest
 from pool.guest.units import PAGE_SHIFT
-from pool.strategy import AllocationError, Buffer, DoubleFree, NotOwner, UnknownBuffer
+from pool.strategy import (
+    AllocationError,
+    Buffer,
+    DoubleFree,
+    NotOwner,
+    UnknownBuffer,
+    check_size,
+)
 
 PAGE_OFFSET = 0xFFFF888000000000  # x86-64 direct map base (4-level paging, no KASLR)
 
@@ -184,6 +191,13 @@ class Ledger:
     def record_failure(self, reason: str) -> None:
         self.failures += 1
         self._failure_reasons[reason] = self._failure_reasons.get(reason, 0) + 1
+
+    def checked_size(self, size: object, limit: int = 1 << 40) -> int:
+        """`size` validated by pool.strategy.check_size; a refusal is counted, then raised."""
+        try:
+            return check_size(size, limit)
+        except AllocationError as err:
+            raise self.fail(err) from None
 
     def fail(self, reason: str | AllocationError, message: str = "") -> AllocationError:
         """Count a refused allocation and return the error to raise: ``raise ledger.fail(...)``.

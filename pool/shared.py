@@ -43,12 +43,10 @@ from pool.guest import PAGE_SHARED, SHARED, Guest
 from pool.guest.units import MAX_PAGE_ORDER, PAGE_SIZE, PAGES_PER_1G, MiB
 from pool.ownership import Ledger
 from pool.strategy import (
-    AllocationError,
     Buffer,
     FreeResult,
     PfnRange,
     StrategyStats,
-    check_size,
     round_pages,
 )
 
@@ -389,10 +387,7 @@ class SharedPool:
 
     def allocate(self, size: int, owner: str, purpose: str = "") -> Buffer:
         """A zeroed shared buffer of `size` bytes; grows synchronously if it must."""
-        try:
-            size = check_size(size, self.max_buffer_bytes)
-        except AllocationError as err:
-            raise self.ledger.fail(err) from None
+        size = self.ledger.checked_size(size, self.max_buffer_bytes)
         npages = round_pages(size)
         pieces = self._take(npages)
         if pieces is None:

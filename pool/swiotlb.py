@@ -43,12 +43,10 @@ from pool.ownership import (
     direct_map_va,
 )
 from pool.strategy import (
-    AllocationError,
     Buffer,
     FreeResult,
     PfnRange,
     StrategyStats,
-    check_size,
 )
 
 IO_TLB_SHIFT = 11
@@ -170,10 +168,7 @@ class Swiotlb:
     # -- requests ---------------------------------------------------------------------------
     def allocate(self, size: int, owner: str, purpose: str = "") -> Buffer:
         led = self.ledger
-        try:
-            size = check_size(size)
-        except AllocationError as err:
-            raise led.fail(err) from None
+        size = led.checked_size(size)
         if size > MAX_MAPPING_SIZE:
             raise led.fail(
                 "too_large",

@@ -30,12 +30,10 @@ from pool.guest import PRIVATE, SHARED, Guest, VmArea, runs_of
 from pool.guest.units import PAGE_SIZE
 from pool.ownership import Ledger, assert_never_returned, assert_pages_shared
 from pool.strategy import (
-    AllocationError,
     Buffer,
     FreeResult,
     PfnRange,
     StrategyStats,
-    check_size,
     round_pages,
 )
 
@@ -75,10 +73,7 @@ class VmallocStrategy:
     # -- requests ---------------------------------------------------------------------------
     def allocate(self, size: int, owner: str, purpose: str = "") -> Buffer:
         led = self.ledger
-        try:
-            size = check_size(size)
-        except AllocationError as err:
-            raise led.fail(err) from None
+        size = led.checked_size(size)
         npages = round_pages(size)
         g = self.guest
         taken: list[int] = []
