@@ -16,7 +16,7 @@ attribute is the attribute of its first page.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import attrs
 import numpy as np
@@ -227,6 +227,21 @@ class DirectMap:
         if not self.ram[start : start + npages].all():
             raise ValueError(f"range [{start:#x}, +{npages}) includes pages that are not RAM")
 
+    def _large_leaf(
+        self, p: int, end: int, index: int, shift: int, attr: int, split: Callable[[int], None]
+    ) -> int:
+        """__should_split_large_page for the large leaf `index` (of 2^shift pages) at pfn p:
+        change it whole if [p, end) covers it, keep it if it already has `attr`, else split it.
+        Returns where the walk goes on (p itself after a split: the smaller leaves are next)."""
+        lo, hi = index << shift, (index + 1) << shift
+        if p == lo and end >= hi:
+            self.attr[lo:hi] = attr
+            return hi
+        if self.attr[lo] == attr:
+            return min(hi, end)
+        split(index)
+        return p
+
     def set_range(self, start: int, npages: int, attr: int) -> SplitCounts:
         """Change the attribute of a physically contiguous range, as one cpa call does."""
         self._check_ram(start, npages)
@@ -235,26 +250,13 @@ class DirectMap:
         while p < end:
             g = p >> _SHIFT_1G
             if self.is_1g[g]:
-                lo, hi = g << _SHIFT_1G, (g + 1) << _SHIFT_1G
-                if p == lo and end >= hi:
-                    self.attr[lo:hi] = attr
-                    p = hi
-                elif self.attr[lo] == attr:
-                    p = min(hi, end)
-                else:
-                    self._split_1g(g)
+                p = self._large_leaf(p, end, g, _SHIFT_1G, attr, self._split_1g)
                 continue
             m = p >> _SHIFT_2M
-            lo, hi = m << _SHIFT_2M, (m + 1) << _SHIFT_2M
             if self.level[m] == LEAF_2M:
-                if p == lo and end >= hi:
-                    self.attr[lo:hi] = attr
-                    p = hi
-                elif self.attr[lo] == attr:
-                    p = min(hi, end)
-                else:
-                    self._split_2m(m)
+                p = self._large_leaf(p, end, m, _SHIFT_2M, attr, self._split_2m)
                 continue
+            hi = (m + 1) << _SHIFT_2M
             q = min(hi, end)
             self.attr[p:q] = attr
             p = q
