@@ -171,14 +171,12 @@ class AtomicPool:
     # -- requests ---------------------------------------------------------------------------
     def allocate(self, size: int, owner: str, purpose: str = "") -> Buffer:
         led = self.ledger
-        size = led.checked_size(size)
-        if size > MAX_CHUNK_BYTES:
-            raise led.fail(
-                "too_large",
-                f"{size} bytes exceed the atomic pool's largest possible chunk of "
-                f"{MAX_CHUNK_BYTES} bytes (4 MiB, one order-{MAX_PAGE_ORDER} block): a "
-                "gen_pool allocation never spans chunks",
-            )
+        size = led.checked_size(
+            size,
+            MAX_CHUNK_BYTES,
+            f"the atomic pool's largest possible chunk of {MAX_CHUNK_BYTES} bytes (4 MiB, one "
+            f"order-{MAX_PAGE_ORDER} block): a gen_pool allocation never spans chunks",
+        )
         if not self.initialized:
             self.setup()
         npages = round_pages(size)

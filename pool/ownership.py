@@ -192,11 +192,15 @@ class Ledger:
         self.failures += 1
         self._failure_reasons[reason] = self._failure_reasons.get(reason, 0) + 1
 
-    def checked_size(self, size: object, limit: int = 1 << 40) -> int:
-        """`size` validated by pool.strategy.check_size; a refusal is counted, then raised."""
+    def checked_size(self, size: object, limit: int = 1 << 40, why: str = "") -> int:
+        """`size` validated by pool.strategy.check_size against `limit` (the most the strategy
+        can ever serve in one piece; `why` explains it in the too_large message); a refusal is
+        counted, then raised."""
         try:
             return check_size(size, limit)
         except AllocationError as err:
+            if why and err.reason == "too_large":
+                err = AllocationError("too_large", f"{size} bytes exceed {why}")
             raise self.fail(err) from None
 
     def fail(self, reason: str | AllocationError, message: str = "") -> AllocationError:

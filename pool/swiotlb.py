@@ -168,14 +168,13 @@ class Swiotlb:
     # -- requests ---------------------------------------------------------------------------
     def allocate(self, size: int, owner: str, purpose: str = "") -> Buffer:
         led = self.ledger
-        size = led.checked_size(size)
-        if size > MAX_MAPPING_SIZE:
-            raise led.fail(
-                "too_large",
-                f"{size} bytes exceed swiotlb's maximum mapping size of {MAX_MAPPING_SIZE} "
-                f"bytes (256 KiB: {IO_TLB_SEGSIZE} slots of {IO_TLB_SIZE} bytes, one segment); "
-                "swiotlb cannot serve this buffer in one piece",
-            )
+        size = led.checked_size(
+            size,
+            MAX_MAPPING_SIZE,
+            f"swiotlb's maximum mapping size of {MAX_MAPPING_SIZE} bytes (256 KiB: "
+            f"{IO_TLB_SEGSIZE} slots of {IO_TLB_SIZE} bytes, one segment); swiotlb cannot "
+            "serve this buffer in one piece",
+        )
         if not self.booted:
             self.boot()
         if not self.usable:
