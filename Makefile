@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test lint typecheck pytest bench clean test-all
+.PHONY: install run test lint typecheck pytest bench clean test-all wheel-test
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -32,6 +32,11 @@ pytest: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
 
 test: lint typecheck pytest
+
+# The install users get: build the wheel, install it into a fresh venv outside the
+# repository, run every command from there (scripts/wheel_check.py). Run by .ci/run.
+wheel-test:
+	$(PY) scripts/wheel_check.py --out dist
 
 test-all: $(STAMP)
 	$(BIN)/python -m pytest -q

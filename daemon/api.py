@@ -8,6 +8,7 @@ JSON integers (``true`` is not 1, ``1.0`` is not 1) within documented bounds.
 
 from __future__ import annotations
 
+import hmac
 import json
 import os
 import socket
@@ -247,8 +248,37 @@ async def openapi(request: web.Request) -> web.Response:
     return web.Response(body=request.app[keys.OPENAPI], content_type="application/json")
 
 
+def _over_tcp(request: web.Request) -> bool:
+    transport = request.transport
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    return getattr(sock, "family", None) in (socket.AF_INET, socket.AF_INET6)
+
+
+def require_registration(request: web.Request) -> None:
+    """Registration over TCP needs the registration secret (Authorization: Bearer), unless
+    the operator set daemon.allow_anonymous_register: whoever reaches a TCP port could
+    otherwise register and allocate up to pool.max. A Unix socket's mode (0660) and owner
+    are its boundary."""
+    if not _over_tcp(request):
+        return
+    config = request.app[keys.CONFIG]
+    secret = config.registration_secret
+    if not secret:
+        if config["daemon.allow_anonymous_register"]:
+            return
+        raise Problem(
+            "forbidden", "registration over TCP is disabled (no daemon.registration_secret)"
+        )
+    token = bearer(request)
+    if token is None:
+        raise Problem("unauthorized", "registration over TCP needs the registration secret")
+    if not hmac.compare_digest(token.encode(), secret.encode()):
+        raise Problem("forbidden", "wrong registration secret")
+
+
 @routes.post("/v1/clients")
 async def register(request: web.Request) -> web.Response:
+    require_registration(request)
     body = await read_body(request, optional=True)
     _fields(body, {"name"}, set())
     name = text_field(body, "name", MAX_NAME) if "name" in body else ""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from importlib import resources
 
@@ -12,9 +13,9 @@ from aiohttp import web
 from prometheus_client.aiohttp import make_aiohttp_handler
 
 from daemon import keys, systemd
-from daemon.api import problem_for, routes
+from daemon.api import healthz, problem_for, readyz, routes
 from daemon.config import Config
-from daemon.engine import Service, StateMismatch
+from daemon.engine import OpenCancelled, Service, StateMismatch
 from daemon.metrics import Metrics
 from daemon.problems import Problem
 from pool import __version__
@@ -58,13 +59,29 @@ def _openapi_bytes() -> bytes:
 
 async def _service_ctx(app: web.Application) -> AsyncIterator[None]:
     """Open the service in a worker thread (guest build and aging, or restore, take seconds)
-    so that /healthz answers meanwhile; close it (journal flushed, snapshot) at exit."""
+    so that /healthz answers meanwhile; close it (journal flushed, snapshot) at exit. A stop
+    during the opening cancels it between aging steps or journal records (within a second),
+    and a service that finished opening after the stop began is never reported ready."""
     service = app[keys.SERVICE]
     notify = app[keys.NOTIFY]
+    stopping = False
+    last_logged = [time.monotonic()]
+
+    def progress(what: str, done: int, total: int) -> None:
+        # at most one line a second, none for a start shorter than a second
+        now = time.monotonic()
+        if now - last_logged[0] >= 1.0:
+            last_logged[0] = now
+            log.info(what, extra={"done": done, "total": total, "percent": done * 100 // total})
+
+    service.progress_log = progress
 
     async def open_service() -> None:
         try:
             await asyncio.to_thread(service.open)
+        except OpenCancelled as exc:
+            service.state = "stopping"
+            log.info("start-up cancelled: %s", exc)
         except StateMismatch as exc:
             service.state, service.error = "failed", str(exc)
             log.error("cannot start: %s", exc)
@@ -74,13 +91,16 @@ async def _service_ctx(app: web.Application) -> AsyncIterator[None]:
             log.error("cannot restore the state: %s", exc, exc_info=exc)
             app[keys.STOP](EXIT_RESTORE)
         else:
-            log.info("ready", extra=service.restore_info)
-            notify("READY=1\nSTATUS=pool ready")
+            if not stopping:
+                log.info("ready", extra=service.restore_info)
+                notify("READY=1\nSTATUS=pool ready")
 
     task = asyncio.create_task(open_service(), name="open")
     yield
+    stopping = True
+    service.cancel_open.set()
     with contextlib.suppress(BaseException):
-        await asyncio.shield(task)  # the thread cannot be interrupted: let it finish
+        await asyncio.shield(task)  # the thread stops at its next cancellation point
     await service.close()
 
 
@@ -168,4 +188,19 @@ def create_app(
     app.cleanup_ctx.append(_background_ctx)
     app.add_routes(routes)
     app.router.add_get("/metrics", make_aiohttp_handler(app[keys.METRICS].registry))
+    return app
+
+
+def create_metrics_app(main: web.Application) -> web.Application:
+    """The metrics-only listener's application: GET /metrics, /healthz and /readyz of the
+    daemon `main` (same service, same registry) and nothing else — every other path is a
+    404 problem. This is what the shipped units and manifests expose over TCP; the API
+    stays on the Unix socket. It owns no background task: `main` does."""
+    app = web.Application(client_max_size=1024, middlewares=[problem_middleware])
+    app[keys.CONFIG] = main[keys.CONFIG]
+    app[keys.SERVICE] = main[keys.SERVICE]
+    app[keys.METRICS] = main[keys.METRICS]
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", make_aiohttp_handler(main[keys.METRICS].registry))
     return app

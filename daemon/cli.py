@@ -26,7 +26,7 @@ from typing import Any
 from aiohttp import web
 
 from daemon import logs, systemd
-from daemon.app import EXIT_CONFIG, create_app
+from daemon.app import EXIT_CONFIG, create_app, create_metrics_app
 from daemon.config import (
     FIELDS,
     Config,
@@ -35,9 +35,13 @@ from daemon.config import (
     example_toml,
     load_config,
     parse_listen,
+    resolved_toml,
+    show_value,
 )
 from daemon.engine import StateMismatch
 from daemon.journal import Journal
+from daemon.statedir import StateDirError, lock_state_dir
+from pool import __version__
 
 log = logging.getLogger("sharedpoold")
 
@@ -49,8 +53,18 @@ come from $SHAREDPOOLD_ADMIN_TOKEN or daemon.admin_token_file.
 The guest/pool/fault settings are stored in the state directory: starting on existing
 state with other ones is refused unless --reset-state discards that state.
 
+Exposure: the API (register, allocate, free) belongs on the Unix socket; expose TCP with
+--metrics-listen (GET /metrics, /healthz, /readyz and nothing else). A TCP API listener
+needs a registration secret (daemon.registration_secret_file) or an explicit
+--allow-anonymous-register. With systemd socket activation, sockets named "metrics"
+(FileDescriptorName=metrics) are metrics-only.
+
+The state directory must be owned by the daemon's uid and not writable by group or
+others; one daemon per state directory (a lock held for the daemon's life).
+
 exit status: 0 after a clean stop (SIGTERM/SIGINT), 1 on a fatal error, 2 on a
-configuration error, 3 when the state cannot be restored.
+configuration error (or a state directory in use or not safe), 3 when the state cannot
+be restored.
 """
 
 
@@ -63,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=f"sharedpoold {__version__}")
     parser.add_argument("--config", metavar="FILE", help="TOML configuration file")
     parser.add_argument(
         "--reset-state",
@@ -75,7 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="print the embedded defaults as TOML and exit",
     )
     parser.add_argument(
-        "--check-config", action="store_true", help="validate the configuration, print it and exit"
+        "--check-config",
+        action="store_true",
+        help="validate the configuration, print it as it will run (TOML that parses back: "
+        "resolved listeners and absolute paths; secrets never printed) and exit",
     )
     groups: dict[str, argparse._ArgumentGroup] = {}
     for f in FIELDS:
@@ -83,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
             continue
         group = groups.setdefault(f.section, parser.add_argument_group(f"[{f.section}]"))
         dest = f.key.replace(".", "__")
-        default_text = "" if f.secret else f" (default: {_show(f.default)})"
+        default_text = "" if f.secret else f" (default: {show_value(f, f.default)})"
         if f.metavar is None:  # a boolean switch
             group.add_argument(
                 f"--{f.flag}",
@@ -93,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
                 default=None,
                 help=f"{f.help} [{f.key}]",
             )
-        elif f.key == "daemon.listen":
+        elif f.key in ("daemon.listen", "daemon.metrics_listen"):
             group.add_argument(
                 f"--{f.flag}",
                 dest=dest,
@@ -111,12 +129,6 @@ def build_parser() -> argparse.ArgumentParser:
                 help=f"{f.help}{default_text} [{f.key}]",
             )
     return parser
-
-
-def _show(value: Any) -> str:
-    if isinstance(value, tuple):
-        return ",".join(map(str, value)) or "none"
-    return str(value) if value != "" else "none"
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
@@ -176,6 +188,32 @@ def _unix_listener(path: str, mode: int) -> socket.socket:
     return sock
 
 
+def _bind(addr: str, mode: int, created: list[str]) -> socket.socket:
+    kind, host, port = parse_listen(addr)
+    if kind == "unix":
+        sock = _unix_listener(host, mode)
+        created.append(host)
+        return sock
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    return socket.create_server((host, port), family=family, backlog=256)
+
+
+def _describe(sockname: Any) -> str:
+    if isinstance(sockname, tuple):
+        host = sockname[0]
+        return f"tcp:{'[' + host + ']' if ':' in host else host}:{sockname[1]}"
+    return f"unix:{sockname.decode() if isinstance(sockname, bytes) else sockname}"
+
+
+def api_listeners(config: Config) -> tuple[str, ...]:
+    """The API listeners the daemon binds when systemd passes none."""
+    return config.listen or (f"unix:{default_unix_socket()}",)
+
+
+def _is_tcp(sock: socket.socket) -> bool:
+    return sock.family in (socket.AF_INET, socket.AF_INET6)
+
+
 async def serve(config: Config, *, reset_state: bool = False) -> int:
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()
@@ -187,27 +225,38 @@ async def serve(config: Config, *, reset_state: bool = False) -> int:
             stopping.set()
 
     app = create_app(config, reset_state=reset_state, stop=stop, notify=systemd.notify)
+    access_log = logging.getLogger("aiohttp.access") if config["daemon.access_log"] else None
     runner = web.AppRunner(
         app,
         handle_signals=False,
-        access_log=None if not config["daemon.access_log"] else logging.getLogger("aiohttp.access"),
+        access_log=access_log,
         shutdown_timeout=config["daemon.shutdown_timeout"],
     )
-    sockets = systemd.listen_fds()
+    metrics_runner = web.AppRunner(
+        create_metrics_app(app), handle_signals=False, access_log=access_log, shutdown_timeout=1
+    )
+    passed = systemd.listen_fds_with_names()
+    api_socks = [sock for name, sock in passed if name != "metrics"]
+    metrics_socks = [sock for name, sock in passed if name == "metrics"]
     created: list[str] = []
     try:
-        if not sockets:
-            for addr in config.listen or (f"unix:{default_unix_socket()}",):
-                kind, host, port = parse_listen(addr)
-                if kind == "unix":
-                    sockets.append(_unix_listener(host, config["daemon.socket_mode"]))
-                    created.append(host)
-                else:
-                    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-                    sockets.append(socket.create_server((host, port), family=family, backlog=256))
+        if not passed:
+            mode = config["daemon.socket_mode"]
+            api_socks = [_bind(a, mode, created) for a in api_listeners(config)]
+            metrics_socks = [_bind(a, mode, created) for a in config.metrics_listen]
+        if (
+            any(_is_tcp(s) for s in api_socks)
+            and not config.registration_secret
+            and not config["daemon.allow_anonymous_register"]
+        ):
+            raise OSError(
+                "systemd passed a TCP socket for the API, which needs "
+                "daemon.registration_secret or daemon.allow_anonymous_register (name it "
+                "FileDescriptorName=metrics to make it metrics-only)"
+            )
     except OSError as exc:
         log.error("cannot listen: %s", exc)
-        for sock in sockets:
+        for sock in api_socks + metrics_socks:
             sock.close()
         for path in created:
             with contextlib.suppress(OSError):
@@ -216,25 +265,31 @@ async def serve(config: Config, *, reset_state: bool = False) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop, 0)
     await runner.setup()
-    for sock in sockets:
+    await metrics_runner.setup()
+    for sock in api_socks:
         await web.SockSite(runner, sock, backlog=256).start()
-    bound = []
-    for sockname in runner.addresses:
-        if isinstance(sockname, tuple):
-            host = sockname[0]
-            bound.append(f"tcp:{'[' + host + ']' if ':' in host else host}:{sockname[1]}")
-        else:
-            bound.append(f"unix:{sockname.decode() if isinstance(sockname, bytes) else sockname}")
+    for sock in metrics_socks:
+        await web.SockSite(metrics_runner, sock, backlog=256).start()
+    bound = [_describe(s) for s in runner.addresses]
+    metrics_bound = [_describe(s) for s in metrics_runner.addresses]
     log.info(
         "listening",
-        extra={"listeners": bound, "state_dir": str(config.state_dir), "pid": os.getpid()},
+        extra={
+            "listeners": bound,
+            "metrics_listeners": metrics_bound,
+            "state_dir": str(config.state_dir),
+            "pid": os.getpid(),
+        },
     )
-    # a line for scripts and tests that asked for port 0
-    print(f"sharedpoold listening on {' '.join(bound)}", file=sys.stderr, flush=True)
+    if not config["daemon.json_logs"]:
+        # a line for scripts and tests that asked for port 0 (in JSON mode: the record above)
+        shown = " ".join(bound + [f"metrics={m}" for m in metrics_bound])
+        print(f"sharedpoold listening on {shown}", file=sys.stderr, flush=True)
     await stopping.wait()
     systemd.notify("STOPPING=1")
     log.info("stopping", extra={"status": status["code"]})
     try:
+        await metrics_runner.cleanup()
         await runner.cleanup()
     except Exception:
         log.exception("error while stopping")
@@ -258,25 +313,33 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"sharedpoold: config error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     if args.check_config:
-        for key, value in config.redacted().items():
-            print(f"{key} = {value!r}")
+        print(resolved_toml(config, api_listeners(config)), end="")
         return 0
     logs.setup(config["daemon.json_logs"], config["daemon.log_level"], config["daemon.access_log"])
-    if not args.reset_state:
-        try:
-            check_state(config)
-        except StateMismatch as exc:
-            print(f"sharedpoold: {exc}", file=sys.stderr)
-            return EXIT_CONFIG
-        except Exception as exc:
-            print(
-                f"sharedpoold: cannot read the state in {config.state_dir}: {exc}", file=sys.stderr
-            )
-            return 3
     try:
-        return asyncio.run(serve(config, reset_state=args.reset_state))
-    except KeyboardInterrupt:
-        return 130
+        lock = lock_state_dir(config.state_dir)  # held until the process exits
+    except StateDirError as exc:
+        print(f"sharedpoold: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    try:
+        if not args.reset_state:
+            try:
+                check_state(config)
+            except StateMismatch as exc:
+                print(f"sharedpoold: {exc}", file=sys.stderr)
+                return EXIT_CONFIG
+            except Exception as exc:
+                print(
+                    f"sharedpoold: cannot read the state in {config.state_dir}: {exc}",
+                    file=sys.stderr,
+                )
+                return 3
+        try:
+            return asyncio.run(serve(config, reset_state=args.reset_state))
+        except KeyboardInterrupt:
+            return 130
+    finally:
+        lock.release()
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ unless ``--reset-state`` is given.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import tomllib
@@ -23,7 +24,16 @@ import attrs
 
 from pool.guest.units import MiB, format_size, parse_size
 
-__all__ = ["FIELDS", "Config", "ConfigError", "Field", "load_config"]
+__all__ = [
+    "FIELDS",
+    "Config",
+    "ConfigError",
+    "Field",
+    "default_state_dir",
+    "default_unix_socket",
+    "load_config",
+    "resolved_toml",
+]
 
 
 class ConfigError(ValueError):
@@ -297,11 +307,50 @@ FIELDS: tuple[Field, ...] = (
         "listen",
         _str_list,
         (),
-        "listeners: unix:PATH or tcp:HOST:PORT, repeatable (default: the Unix socket "
-        "$XDG_RUNTIME_DIR/sharedpool/sharedpoold.sock, else ./run/sharedpoold.sock; none "
-        "when systemd passes sockets)",
+        "API listeners: unix:PATH or tcp:HOST:PORT, repeatable (default: the Unix socket "
+        "sharedpoold.sock in /run/sharedpoold for root, else in $XDG_RUNTIME_DIR/sharedpool, "
+        "else in ~/.local/state/sharedpool; none when systemd passes sockets). A TCP API "
+        "listener needs daemon.registration_secret or daemon.allow_anonymous_register",
         "listen",
         "ADDR",
+    ),
+    Field(
+        "daemon",
+        "metrics_listen",
+        _str_list,
+        (),
+        "metrics-only listeners (GET /metrics, /healthz, /readyz and nothing else): "
+        "unix:PATH or tcp:HOST:PORT, repeatable; the one to expose over TCP",
+        "metrics-listen",
+        "ADDR",
+    ),
+    Field(
+        "daemon",
+        "registration_secret",
+        _str,
+        "",
+        "secret a client must present (Authorization: Bearer) to register over a TCP API "
+        "listener (prefer registration_secret_file or $SHAREDPOOLD_REGISTRATION_SECRET)",
+        None,
+        secret=True,
+    ),
+    Field(
+        "daemon",
+        "registration_secret_file",
+        _str,
+        "",
+        "file holding the registration secret",
+        "registration-secret-file",
+        "FILE",
+    ),
+    Field(
+        "daemon",
+        "allow_anonymous_register",
+        _bool,
+        False,
+        "let anyone who reaches a TCP API listener register without the secret",
+        "allow-anonymous-register",
+        None,
     ),
     Field(
         "daemon",
@@ -317,8 +366,9 @@ FIELDS: tuple[Field, ...] = (
         "state_dir",
         _str,
         "",
-        "state directory (default $STATE_DIRECTORY, else $XDG_STATE_HOME/sharedpoold, "
-        "else ./state)",
+        "state directory (default $STATE_DIRECTORY, else /var/lib/sharedpoold for root, "
+        "else $XDG_STATE_HOME/sharedpool, else ~/.local/state/sharedpool); owned by the "
+        "daemon's uid and not writable by group or others",
         "state-dir",
         "DIR",
     ),
@@ -429,19 +479,45 @@ SECTIONS = ("guest", "pool", "faults", "daemon")
 STATE_SECTIONS = ("guest", "pool", "faults")  # what the journal depends on
 
 
-def _default_state_dir() -> str:
-    if os.environ.get("STATE_DIRECTORY"):
-        return os.environ["STATE_DIRECTORY"].split(":")[0]
-    if os.environ.get("XDG_STATE_HOME"):
-        return str(Path(os.environ["XDG_STATE_HOME"]) / "sharedpoold")
-    return "state"
+def _user_state_home(env: Mapping[str, str]) -> Path:
+    if env.get("XDG_STATE_HOME"):
+        return Path(env["XDG_STATE_HOME"]) / "sharedpool"
+    return Path.home() / ".local" / "state" / "sharedpool"
 
 
-def default_unix_socket() -> str:
-    runtime = os.environ.get("XDG_RUNTIME_DIR")
-    if runtime:
-        return str(Path(runtime) / "sharedpool" / "sharedpoold.sock")
-    return str(Path("run") / "sharedpoold.sock")
+def default_state_dir(env: Mapping[str, str] | None = None, uid: int | None = None) -> Path:
+    """Where the state lives when daemon.state_dir is empty: systemd's $STATE_DIRECTORY,
+    /var/lib/sharedpoold for root, else the XDG state home. Never the working directory
+    (a daemon started elsewhere would silently begin with an empty state)."""
+    env = os.environ if env is None else env
+    uid = os.getuid() if uid is None else uid
+    if env.get("STATE_DIRECTORY"):
+        return Path(env["STATE_DIRECTORY"].split(":")[0]).absolute()
+    if uid == 0:
+        return Path("/var/lib/sharedpoold")
+    return _user_state_home(env).absolute()
+
+
+def default_unix_socket(env: Mapping[str, str] | None = None, uid: int | None = None) -> str:
+    """The API socket when no listener is configured, and the clients' default:
+    systemd's $RUNTIME_DIRECTORY, /run/sharedpoold for root, $XDG_RUNTIME_DIR/sharedpool,
+    else the XDG state home (a runtime directory is not always there: su, containers)."""
+    env = os.environ if env is None else env
+    uid = os.getuid() if uid is None else uid
+    if env.get("RUNTIME_DIRECTORY"):
+        base = Path(env["RUNTIME_DIRECTORY"].split(":")[0])
+    elif uid == 0:
+        base = Path("/run/sharedpoold")
+    elif env.get("XDG_RUNTIME_DIR"):
+        base = Path(env["XDG_RUNTIME_DIR"]) / "sharedpool"
+    else:
+        base = _user_state_home(env)
+    return str((base / "sharedpoold.sock").absolute())
+
+
+def _absolute_listen(addr: str) -> str:
+    kind, rest = addr.split(":", 1)
+    return f"unix:{Path(rest).absolute()}" if kind == "unix" else addr
 
 
 @attrs.frozen
@@ -475,11 +551,24 @@ class Config:
 
     @property
     def state_dir(self) -> Path:
-        return Path(self.values["daemon.state_dir"] or _default_state_dir())
+        """Always absolute: a relative --state-dir is resolved once, against the directory
+        the daemon was started from, so logs and --check-config name the real place."""
+        configured = self.values["daemon.state_dir"]
+        return Path(configured).absolute() if configured else default_state_dir()
 
     @property
     def listen(self) -> tuple[str, ...]:
-        return tuple(self.values["daemon.listen"])
+        """API listeners, Unix paths made absolute."""
+        return tuple(_absolute_listen(a) for a in self.values["daemon.listen"])
+
+    @property
+    def metrics_listen(self) -> tuple[str, ...]:
+        """Metrics-only listeners, Unix paths made absolute."""
+        return tuple(_absolute_listen(a) for a in self.values["daemon.metrics_listen"])
+
+    @property
+    def registration_secret(self) -> str:
+        return str(self.values["daemon.registration_secret"])
 
     @property
     def admin_token(self) -> str:
@@ -540,11 +629,23 @@ def _validate(config: Config) -> Config:
         raise ConfigError("daemon.body_limit", "must be within [256, 16777216] bytes")
     if not 0 < v["pool.max_buffer"] <= v["pool.max"]:
         raise ConfigError("pool.max_buffer", "must be > 0 and at most pool.max")
-    for addr in v["daemon.listen"]:
-        try:
-            parse_listen(addr)
-        except ValueError as exc:
-            raise ConfigError("daemon.listen", str(exc)) from None
+    for key in ("daemon.listen", "daemon.metrics_listen"):
+        for addr in v[key]:
+            try:
+                parse_listen(addr)
+            except ValueError as exc:
+                raise ConfigError(key, str(exc)) from None
+    secret = v["daemon.registration_secret"]
+    if secret and len(secret) < 16:
+        raise ConfigError("daemon.registration_secret", "must be at least 16 characters")
+    tcp_api = [a for a in v["daemon.listen"] if a.startswith("tcp:")]
+    if tcp_api and not secret and not v["daemon.allow_anonymous_register"]:
+        raise ConfigError(
+            "daemon.listen",
+            f"{tcp_api[0]} is a TCP API listener: anyone who reaches it could register and "
+            "allocate; set daemon.registration_secret (or registration_secret_file), set "
+            "daemon.allow_anonymous_register = true, or expose TCP with --metrics-listen only",
+        )
     token = v["daemon.admin_token"]
     if token and len(token) < 16:
         raise ConfigError("daemon.admin_token", "must be at least 16 characters")
@@ -596,6 +697,15 @@ def load_config(
         if key not in _BY_KEY:
             raise ConfigError(key, "unknown setting")
         values[key] = _BY_KEY[key].parse(key, raw)
+    if not values["daemon.registration_secret"] and env.get("SHAREDPOOLD_REGISTRATION_SECRET"):
+        values["daemon.registration_secret"] = env["SHAREDPOOLD_REGISTRATION_SECRET"]
+    if not values["daemon.registration_secret"] and values["daemon.registration_secret_file"]:
+        try:
+            values["daemon.registration_secret"] = (
+                Path(values["daemon.registration_secret_file"]).read_text().strip()
+            )
+        except OSError as exc:
+            raise ConfigError("daemon.registration_secret_file", str(exc.strerror or exc)) from None
     if not values["daemon.admin_token"] and env.get("SHAREDPOOLD_ADMIN_TOKEN"):
         values["daemon.admin_token"] = env["SHAREDPOOLD_ADMIN_TOKEN"]
     if not values["daemon.admin_token"] and values["daemon.admin_token_file"]:
@@ -617,12 +727,47 @@ def example_toml() -> str:
             if f.section != section:
                 continue
             lines.append(f"# {f.help}")
-            lines.append(f"{f.name} = {_toml_value(f)}")
+            lines.append(f"{f.name} = {toml_value(f, f.default)}")
     return "\n".join(lines) + "\n"
 
 
-def _toml_value(f: Field) -> str:
-    v = f.default
+def resolved_toml(config: Config, listen: Sequence[str] = ()) -> str:
+    """The configuration as it will run, as TOML that parses back (and can be used as
+    --config): every setting, paths absolute, the listeners the daemon will bind
+    (`listen`: the resolved API listeners, e.g. the default socket), sizes as 16GiB,
+    modes as 0660. Secrets are never printed: only a comment saying whether one is set."""
+    values = dict(config.values)
+    values["daemon.state_dir"] = str(config.state_dir)
+    values["daemon.listen"] = tuple(listen) if listen else config.listen
+    values["daemon.metrics_listen"] = config.metrics_listen
+    lines = [f"# sharedpoold configuration as resolved (source: {config.source})"]
+    for section in SECTIONS:
+        lines.append(f"\n[{section}]")
+        for f in FIELDS:
+            if f.section != section:
+                continue
+            if f.secret:
+                lines.append(f"# {f.name}: {'set' if values[f.key] else 'not set'} (never printed)")
+                continue
+            lines.append(f"{f.name} = {toml_value(f, values[f.key])}")
+    return "\n".join(lines) + "\n"
+
+
+def show_value(f: Field, value: Any) -> str:
+    """A value as an operator reads it: sizes as 16GiB, modes as 0660, lists comma-joined."""
+    if f.parse is _size:
+        return format_size(value) if value else "0"
+    if f.parse is _mode:
+        return f"{value:04o}"
+    if isinstance(value, tuple):
+        return ",".join(map(str, value)) or "none"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value) if value != "" else "none"
+
+
+def toml_value(f: Field, v: Any) -> str:
+    """One value in TOML syntax (strings JSON-quoted: TOML basic strings share its escapes)."""
     if f.parse is _size:
         return f'"{format_size(v)}"' if v else "0"
     if f.parse is _mode:
@@ -630,7 +775,7 @@ def _toml_value(f: Field) -> str:
     if isinstance(v, bool):
         return "true" if v else "false"
     if isinstance(v, str):
-        return f'"{v}"'
+        return json.dumps(v)
     if isinstance(v, Sequence):
-        return "[" + ", ".join(repr(x) for x in v) + "]"
+        return "[" + ", ".join(json.dumps(x) for x in v) + "]"
     return repr(v)

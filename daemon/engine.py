@@ -28,6 +28,7 @@ import os
 import pickle
 import secrets
 import shutil
+import threading
 import time
 import zlib
 from collections.abc import Callable
@@ -107,6 +108,10 @@ def _differences(stored: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
     return out
 
 
+class OpenCancelled(Exception):
+    """open() was asked to stop (SIGTERM while building, aging or replaying)."""
+
+
 class Service:
     """The strategy, its guest, the clients and the journal of one daemon."""
 
@@ -129,6 +134,10 @@ class Service:
         # observer of live allocations: (size, ok, wall seconds, modeled conversion seconds)
         self.alloc_observer: Callable[[int, bool, float, float], None] | None = None
         self._admin_token = config.admin_token.encode()
+        # set from the event loop (SIGTERM during start-up); open() checks it between
+        # aging steps and journal records and stops with OpenCancelled
+        self.cancel_open = threading.Event()
+        self.progress_log: Callable[[str, int, int], None] | None = None
 
     # ---- opening: build or restore (blocking; run in a thread) -------------------------
 
@@ -170,6 +179,8 @@ class Service:
                 source = "a fresh guest"
             replayed = 0
             for seq, op, args, expected in journal.records(self.snapshot_seq):
+                if self.cancel_open.is_set():
+                    raise OpenCancelled("stopped while replaying the journal")
                 got = self._apply(op, args)
                 if got != expected:
                     raise RestoreError(
@@ -227,9 +238,17 @@ class Service:
                 options["boot_reserve_bytes"] = c["pool.boot_reserve"]
         strategy = make_strategy(c["pool.strategy"], guest, **options)
         strategy.boot()
-        guest.age(c["guest.age_steps"])
+        guest.age(c["guest.age_steps"], self._aging_progress)
         strategy.setup()
         self.strategy, self.guest = strategy, guest
+
+    def _aging_progress(self, done: int, total: int) -> None:
+        """Called about every 1 % of the start-up aging: stop promptly on SIGTERM, and let
+        the operator see that a long start is making progress."""
+        if self.cancel_open.is_set():
+            raise OpenCancelled("stopped while aging the guest")
+        if self.progress_log is not None:
+            self.progress_log("aging the guest", done, total)
 
     def _load_snapshot(self, seq: int, data: bytes) -> None:
         # The snapshot is written by this daemon into its own 0700 state directory.

@@ -12,7 +12,14 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Histogram, Info, disable_created_metrics
+from prometheus_client import (
+    CollectorRegistry,
+    Histogram,
+    Info,
+    PlatformCollector,
+    ProcessCollector,
+    disable_created_metrics,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -194,6 +201,10 @@ class Metrics:
         disable_created_metrics()  # type: ignore[no-untyped-call]
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(PoolCollector(service))
+        # the standard process_* (RSS, fds, CPU, start time) and python_info series, as
+        # the default registry has them: this registry is the app's own
+        ProcessCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
         self.alloc_duration = Histogram(
             P + "alloc_duration_seconds",
             "Time to answer an allocation request inside the daemon "

@@ -34,6 +34,17 @@ def listen_fds(
     return socks
 
 
+def listen_fds_with_names(
+    env: MutableMapping[str, str] | None = None, unset: bool = True
+) -> list[tuple[str, socket.socket]]:
+    """listen_fds() with each socket's name from $LISTEN_FDNAMES (colon-separated, one per
+    fd, set by FileDescriptorName= in the socket unit; "unknown" when absent)."""
+    env = os.environ if env is None else env
+    names = env.get("LISTEN_FDNAMES", "").split(":") if env.get("LISTEN_FDNAMES") else []
+    socks = listen_fds(env, unset)
+    return [(names[i] if i < len(names) else "unknown", s) for i, s in enumerate(socks)]
+
+
 def notify(state: str, env: Mapping[str, str] | None = None) -> bool:
     """Send `state` ("READY=1", "STOPPING=1", "WATCHDOG=1", "STATUS=...") to $NOTIFY_SOCKET.
     Abstract socket names start with '@'. False when there is no socket or sending failed."""

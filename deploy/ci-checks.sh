@@ -4,7 +4,7 @@
 #   promtool check config   deploy/prometheus/prometheus.yml (and the rule files it loads)
 #   promtool check rules    deploy/prometheus/rules/*.yml
 #   promtool test rules     deploy/prometheus/tests/*.yml
-#   systemd-analyze verify  deploy/systemd/sharedpoold.{socket,service}
+#   systemd-analyze verify  deploy/systemd/sharedpoold{,-metrics}.socket, sharedpoold.service
 #   systemd-analyze security --offline: exposure of the service at most 2.0
 #
 # Installs Debian's `prometheus` (promtool, and the prometheus binary that
@@ -63,7 +63,7 @@ check() {
 
 verify_units() {
     local dir="$1" out rc=0
-    out="$(systemd-analyze verify --man=no "$dir/sharedpoold.socket" "$dir/sharedpoold.service" 2>&1)" || rc=$?
+    out="$(systemd-analyze verify --man=no "$dir/sharedpoold.socket" "$dir/sharedpoold-metrics.socket" "$dir/sharedpoold.service" 2>&1)" || rc=$?
     [[ -n "$out" ]] && printf '%s\n' "$out"
     if ((rc != 0)); then
         return "$rc"
@@ -100,7 +100,7 @@ if [[ -x "$ROOT/.venv/bin/python" ]]; then
 elif command -v sharedpoold >/dev/null 2>&1; then
     exe="$(command -v sharedpoold)"
 fi
-cp deploy/systemd/sharedpoold.service deploy/systemd/sharedpoold.socket "$unitdir/"
+cp deploy/systemd/sharedpoold.service deploy/systemd/sharedpoold.socket deploy/systemd/sharedpoold-metrics.socket "$unitdir/"
 sed -i "s|^ExecStart=/usr/local/bin/sharedpoold |ExecStart=$exe |" "$unitdir/sharedpoold.service"
 grep -q "^ExecStart=$exe " "$unitdir/sharedpoold.service" || {
     echo "could not rewrite ExecStart in the copy of sharedpoold.service" >&2

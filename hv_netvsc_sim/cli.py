@@ -39,6 +39,7 @@ from hv_netvsc_sim.report import (
     summary_table,
 )
 from hv_netvsc_sim.scenario import Scenario, ScenarioConfig
+from pool import __version__
 from pool.guest import GuestConfig
 from pool.guest.cli import size_arg
 from pool.guest.units import GiB
@@ -145,6 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="A simulated hv_netvsc driver and Hyper-V host exercising shared-buffer "
         "strategies on a simulated confidential guest.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser(
@@ -167,6 +169,12 @@ def build_parser() -> argparse.ArgumentParser:
         "in-process strategy (the guest options then do not apply)",
     )
     run.add_argument("--name", default="hv-netvsc-sim", help="client name at the daemon")
+    run.add_argument(
+        "--strict",
+        action="store_true",
+        help="exit 1 when any probe or allocation failed (for CI: a run that refused "
+        "buffers is not a pass)",
+    )
     run.add_argument(
         "--pace",
         type=_nonneg_float,
@@ -395,7 +403,7 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if args.json:
         json.dump(out, sys.stdout)
         sys.stdout.write("\n")
-        return 0
+        return _strict_status(args, out)
     rows: dict[str, Any] = {
         "mode": out["mode"] + (f" ({out['strategy']})" if "strategy" in out else ""),
         "cycles": out["cycles"],
@@ -418,6 +426,19 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         rows["run 2M splits"] = out["run"]["direct_map_splits"]["level2"]
         rows["fatal hazard pages"] = out["end_state"]["hazard_pages"]["private_alias_to_shared"]
     print_table(summary_table("hv-netvsc-sim run", rows))
+    return _strict_status(args, out)
+
+
+def _strict_status(args: argparse.Namespace, out: dict[str, Any]) -> int:
+    """0, or 1 under --strict when a probe or an allocation failed."""
+    failed = out["failures"] + out["driver"]["probe_failures"]
+    if args.strict and failed:
+        print(
+            f"hv-netvsc-sim: --strict: {out['failures']} allocation(s) and "
+            f"{out['driver']['probe_failures']} probe(s) failed",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 

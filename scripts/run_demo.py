@@ -2,7 +2,7 @@
 
 1. `hv-netvsc-sim compare` on the default 16 GiB aged TDX guest: the table, and the
    plot written to compare.png;
-2. `sharedpoold` on embedded defaults (plus a loopback TCP listener for the metrics),
+2. `sharedpoold` on embedded defaults (plus a loopback metrics-only TCP listener),
    `hv-netvsc-sim run --daemon` against it for a bounded number of cycles, a few of
    the daemon's metrics, then a graceful stop (SIGTERM).
 
@@ -82,7 +82,7 @@ def main() -> int:
             str(BIN / "sharedpoold"),
             "--listen",
             f"unix:{sock}",
-            "--listen",
+            "--metrics-listen",
             f"tcp:127.0.0.1:{port}",
             "--state-dir",
             os.path.join(tmp, "state"),

@@ -12,6 +12,7 @@ import stat
 import subprocess
 import sys
 import time
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -53,8 +54,9 @@ def test_help_and_config_errors(tmp_path: Path) -> None:
     assert out.returncode == 0
     cfg.write_text(out.stdout)
     out = _run("--config", str(cfg), "--check-config", "--admin-token", "s" * 20, cwd=tmp_path)
-    assert out.returncode == 0 and "guest.memory = 17179869184" in out.stdout
+    assert out.returncode == 0 and 'memory = "16GiB"' in out.stdout
     assert "s" * 20 not in out.stdout
+    assert tomllib.loads(out.stdout)["guest"]["memory"] == "16GiB"
 
 
 async def _alloc_some(url: str, name: str, sizes: list[int]) -> tuple[SharedPoolClient, list[Any]]:

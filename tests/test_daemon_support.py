@@ -42,6 +42,8 @@ SMALL: dict[str, Any] = {
 def small_config(state_dir: Path, **overrides: Any) -> Config:
     values = dict(SMALL)
     values["daemon.state_dir"] = str(state_dir)
+    # the in-process app is served on a loopback TCP socket (TestServer)
+    values["daemon.allow_anonymous_register"] = True
     values.update({k.replace("__", "."): v for k, v in overrides.items()})
     return load_config(None, values, env={})
 
@@ -83,7 +85,10 @@ async def register(client: TestClient, name: str = "c") -> tuple[str, str]:
 
 # ---- a spawned daemon --------------------------------------------------------------------
 
-_LISTEN_LINE = re.compile(r"sharedpoold listening on (.*)")
+# the text line, or (--json-logs) the "listening" record's listeners
+_LISTEN_LINE = re.compile(
+    r'sharedpoold listening on (.*)|"msg": "listening", "listeners": (\[[^\]]*\])'
+)
 
 
 class Daemon:
@@ -106,7 +111,7 @@ class Daemon:
             f"unix:{self.sock}",
         ]
         if tcp:
-            cmd += ["--listen", "tcp:127.0.0.1:0"]
+            cmd += ["--listen", "tcp:127.0.0.1:0", "--allow-anonymous-register"]
         for key, value in SMALL.items():
             if key == "daemon.admin_token":
                 continue
@@ -141,7 +146,8 @@ class Daemon:
         while time.monotonic() < deadline:
             m = _LISTEN_LINE.search(self.output())
             if m:
-                for addr in m.group(1).split():
+                addrs = m.group(1).split() if m.group(1) else json.loads(m.group(2))
+                for addr in addrs:
                     if addr.startswith("tcp:"):
                         self.tcp_url = "http://" + addr[4:]
                 return

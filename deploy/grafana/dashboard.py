@@ -561,6 +561,43 @@ def build() -> dash_m.Dashboard:
         width=8,
     )
 
+    b.row("Daemon process")
+    b.timeseries(
+        "Memory and CPU",
+        "The daemon's resident memory (prometheus_client's process collector) and CPU "
+        "time per second: a leak shows as RSS that keeps growing under a steady load.",
+        "bytes",
+        [
+            (f"process_resident_memory_bytes{{{SEL}}}", "RSS {{instance}}"),
+            (f"process_virtual_memory_bytes{{{SEL}}}", "virtual {{instance}}"),
+            (f"rate(process_cpu_seconds_total{{{SEL}}}[$__rate_interval])", "CPU {{instance}}"),
+        ],
+        width=12,
+        right_axis={"C": "percentunit"},
+    )
+    b.timeseries(
+        "File descriptors",
+        "Open descriptors against the limit: every connection holds one; at the limit "
+        "new clients are refused.",
+        "short",
+        [
+            (f"process_open_fds{{{SEL}}}", "open {{instance}}"),
+            (f"process_max_fds{{{SEL}}}", "limit {{instance}}"),
+        ],
+        width=8,
+    )
+    b.stat(
+        "Up since",
+        "Process start time; the Python running the daemon.",
+        "dateTimeFromNow",
+        [
+            (f"process_start_time_seconds{{{SEL}}} * 1000", "{{instance}}"),
+            (f"count by (version) (python_info{{{SEL}}})", "Python {{version}}"),
+        ],
+        [(None, "blue")],
+        width=4,
+    )
+
     return b.dashboard.build()
 
 

@@ -277,11 +277,18 @@ def _add_export(sub: Any) -> None:
     p.set_defaults(func=_export)
 
 
+def _version() -> str:
+    from pool import __version__  # pool.guest knows nothing of pools: only the version
+
+    return __version__
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m pool.guest",
         description="The simulated confidential guest: page allocator, direct map, conversions.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser(
         "demo",

@@ -159,6 +159,7 @@ def running_sharedpoold(
         str(workdir / "state"),
         "--listen",
         "tcp:127.0.0.1:0",
+        "--allow-anonymous-register",  # the tests register over this loopback listener
     ]
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
     env.pop("NOTIFY_SOCKET", None)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+import tomllib
 from typing import Any
 
 import pytest
@@ -57,6 +58,8 @@ COMMANDS = {
 
 
 def check_config(args: list[str]) -> dict[str, Any]:
+    """`sharedpoold ARGS --check-config`: the resolved configuration, parsed as the TOML
+    it must be."""
     result = subprocess.run(
         [*sharedpoold_command(), *args, "--check-config"],
         capture_output=True,
@@ -66,26 +69,30 @@ def check_config(args: list[str]) -> dict[str, Any]:
         env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO_ROOT)},
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    settings: dict[str, Any] = {}
-    for line in result.stdout.splitlines():
-        key, _, value = line.partition(" = ")
-        settings[key] = value
-    return settings
+    return tomllib.loads(result.stdout)
 
 
 @pytest.mark.parametrize("where", COMMANDS)
 def test_sharedpoold_accepts_the_deployed_arguments(where: str) -> None:
+    """Every shipped command line exposes TCP through the metrics-only listener alone:
+    the API (register, allocate) stays on the Unix socket."""
     args = COMMANDS[where]()
-    settings = check_config(args)
+    daemon = check_config(args)["daemon"]
     listens = [args[i + 1] for i, a in enumerate(args) if a == "--listen"]
+    metrics = [args[i + 1] for i, a in enumerate(args) if a == "--metrics-listen"]
+    assert not any(a.startswith("tcp:") for a in listens), listens
+    assert not any(a.startswith("tcp:") for a in daemon["listen"]), daemon["listen"]
+    assert daemon["allow_anonymous_register"] is False
     if where == "systemd ExecStart":
-        # Socket activation: the listeners come from sharedpoold.socket.
-        assert not listens
-        assert settings["daemon.state_dir"] == "'/var/lib/sharedpoold'"
+        # Socket activation: the listeners come from the two socket units.
+        assert not listens and not metrics
+        assert daemon["state_dir"] == "/var/lib/sharedpoold"
     else:
-        assert "tcp:0.0.0.0:9464" in listens
-        assert settings["daemon.listen"] == repr(tuple(listens))
-        assert settings["daemon.state_dir"] == "'/var/lib/sharedpool'"
+        assert metrics == ["tcp:0.0.0.0:9464"]
+        assert daemon["metrics_listen"] == metrics
+        assert daemon["listen"] == listens
+        assert all(a.startswith("unix:/") for a in listens)
+        assert daemon["state_dir"] == "/var/lib/sharedpool"
 
 
 def test_the_simulator_accepts_the_compose_arguments() -> None:
@@ -97,6 +104,8 @@ def test_the_simulator_accepts_the_compose_arguments() -> None:
     assert service["entrypoint"] == ["hv-netvsc-sim"]
     args = build_parser().parse_args([str(a) for a in service["command"]])
     assert args.command == "run"
-    assert args.daemon == "http://sharedpoold:9464"
+    # the API over the Unix socket in the volume both containers mount
+    assert args.daemon == "unix:/run/sharedpool/sharedpoold.sock"
+    assert "sharedpool-run:/run/sharedpool" in service["volumes"]
     assert args.cycles == 0  # until stopped
     assert args.pace > 0

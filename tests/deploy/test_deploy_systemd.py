@@ -19,6 +19,7 @@ from deploy_paths import SYSTEMD_DIR
 
 SERVICE = SYSTEMD_DIR / "sharedpoold.service"
 SOCKET = SYSTEMD_DIR / "sharedpoold.socket"
+METRICS_SOCKET = SYSTEMD_DIR / "sharedpoold-metrics.socket"
 COMMITTED_EXEC = "/usr/local/bin/sharedpoold"
 
 
@@ -66,15 +67,24 @@ def test_service_is_notify_with_watchdog_and_hardened() -> None:
     assert "sharedpoold.socket" in d["Requires"][0]
 
 
-def test_socket_listens_on_unix_and_tcp() -> None:
-    d = directives(SOCKET)
-    listens = d["ListenStream"]
-    assert any(v.startswith("/run/") for v in listens), listens
-    assert any(v.rsplit(":", 1)[-1].isdigit() for v in listens), listens
-    assert d["SocketMode"] == ["0660"]
+def test_api_socket_is_unix_only_and_tcp_is_metrics_only() -> None:
+    """The API (register, allocate) never on TCP: the only TCP socket is the one named
+    "metrics", which the daemon serves as its metrics-only listener."""
+    api = directives(SOCKET)
+    listens = api["ListenStream"]
+    assert listens and all(v.startswith("/run/") for v in listens), listens
+    assert api["SocketMode"] == ["0660"]
+    assert api["FileDescriptorName"] == ["api"]
     # The service's RuntimeDirectory is removed when it stops: the socket lives elsewhere.
     runtime_dir = "/run/" + directives(SERVICE)["RuntimeDirectory"][0] + "/"
     assert not any(v.startswith(runtime_dir) for v in listens)
+    metrics = directives(METRICS_SOCKET)
+    assert metrics["FileDescriptorName"] == ["metrics"]
+    assert all(v.rsplit(":", 1)[-1].isdigit() for v in metrics["ListenStream"])
+    service = directives(SERVICE)
+    assert service["Sockets"] == [f"{SOCKET.name} {METRICS_SOCKET.name}"]
+    for sock in (SOCKET, METRICS_SOCKET):
+        assert sock.name in service["Requires"][0]
 
 
 def _sharedpoold_binary() -> str:
@@ -109,6 +119,7 @@ def _verifiable_copy(tmp_path: Path) -> Path:
         text.replace(f"ExecStart={COMMITTED_EXEC} ", f"ExecStart={exe} "), encoding="utf-8"
     )
     shutil.copy(SOCKET, tmp_path / SOCKET.name)
+    shutil.copy(METRICS_SOCKET, tmp_path / METRICS_SOCKET.name)
     return tmp_path
 
 
@@ -126,7 +137,10 @@ def test_systemd_analyze_verify(tmp_path: Path) -> None:
     tool = _systemd_analyze()
     units = _verifiable_copy(tmp_path)
     result = subprocess.run(
-        [tool, "verify", "--man=no", str(units / SOCKET.name), str(units / SERVICE.name)],
+        [
+            *(tool, "verify", "--man=no", str(units / SOCKET.name)),
+            *(str(units / METRICS_SOCKET.name), str(units / SERVICE.name)),
+        ],
         capture_output=True,
         text=True,
         timeout=60,

@@ -1,0 +1,239 @@
+"""`make wheel-test`: the install users get, tried as they use it.
+
+Builds the wheel (or takes --wheel FILE), checks that it holds every tracked data file of
+the packages, installs it into a fresh virtual environment in a temporary directory
+outside the repository, and from a working directory outside the repository:
+
+1. `sharedpoold --version`, `hv-netvsc-sim --version`, `python -m pool.guest --version`;
+2. starts `sharedpoold` on a temporary Unix socket (metrics on 127.0.0.1:0) and waits for
+   `/readyz`;
+3. `hv-netvsc-sim run --cycles 1 --strict` against it, and in-process;
+4. `python -m pool.guest demo` on a small guest;
+5. stops the daemon with SIGTERM and expects exit 0.
+
+Every step is bounded in time; the daemon is killed whatever happens. Exit 0 when all
+pass, 1 with the failing step's output otherwise. Uses only the standard library, so it
+runs with the system interpreter that creates the venv.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+import zipfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGES = ("pool", "daemon", "hv_netvsc_sim")
+SMALL_GUEST = ["--guest-memory", "1GiB", "--age-steps", "2000"]
+
+
+class Failed(Exception):
+    pass
+
+
+def step(title: str) -> None:
+    print(f"wheel-test: {title}", flush=True)
+
+
+def run(cmd: list[str], cwd: Path, timeout: float = 300, **kw: object) -> str:
+    try:
+        done = subprocess.run(
+            cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, check=False, **kw
+        )
+    except subprocess.TimeoutExpired:
+        raise Failed(f"{' '.join(cmd)}: no answer after {timeout:.0f} s") from None
+    if done.returncode != 0:
+        raise Failed(
+            f"{' '.join(cmd)} exited {done.returncode}\n{done.stdout[-3000:]}{done.stderr[-3000:]}"
+        )
+    return done.stdout
+
+
+def tracked_data_files() -> list[str]:
+    """Tracked files of the packages that are not Python sources: what the wheel must hold."""
+    out = subprocess.run(
+        ["git", "ls-files", *PACKAGES], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.split()
+    return [f for f in out if not f.endswith((".py", ".pyc")) and Path(f).name != "README.md"]
+
+
+def missing_from(wheel: Path) -> list[str]:
+    names = set(zipfile.ZipFile(wheel).namelist())
+    return [f for f in tracked_data_files() if f not in names]
+
+
+def build_wheel(python: str, out: Path) -> Path:
+    run([python, "-m", "pip", "wheel", "--quiet", "--no-deps", "-w", str(out), str(ROOT)], ROOT)
+    wheels = sorted(out.glob("sharedpool-*.whl"))
+    if not wheels:
+        raise Failed(f"no wheel was built in {out}")
+    return wheels[-1]
+
+
+def wait_ready(proc: subprocess.Popen[str], log: Path, timeout: float = 120) -> str:
+    """The metrics listener's URL once /readyz answers 200."""
+    deadline = time.monotonic() + timeout
+    url = None
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise Failed(f"sharedpoold exited {proc.returncode}:\n{log.read_text()[-3000:]}")
+        if url is None:
+            m = re.search(
+                r"sharedpoold listening on .*metrics=tcp:(127\.0\.0\.1:\d+)", log.read_text()
+            )
+            url = f"http://{m.group(1)}" if m else None
+        if url is not None:
+            try:
+                with urllib.request.urlopen(url + "/readyz", timeout=2) as answer:
+                    if answer.status == 200:
+                        return url
+            except OSError:
+                pass
+        time.sleep(0.2)
+    raise Failed(f"sharedpoold not ready after {timeout:.0f} s:\n{log.read_text()[-3000:]}")
+
+
+def check(wheel: Path, python: str, content_check: bool) -> None:
+    if content_check:
+        step(f"contents of {wheel.name}")
+        missing = missing_from(wheel)
+        if missing:
+            raise Failed(f"the wheel lacks tracked package data: {', '.join(missing)}")
+    with tempfile.TemporaryDirectory(prefix="sharedpool-wheel-") as tmp_name:
+        tmp = Path(tmp_name)
+        if tmp.resolve().is_relative_to(ROOT):
+            raise Failed(f"{tmp} is inside the repository")
+        venv = tmp / "venv"
+        step(f"fresh venv in {venv}")
+        run([python, "-m", "venv", str(venv)], tmp)
+        bin_ = venv / "bin"
+        run([str(bin_ / "python"), "-m", "pip", "install", "--quiet", str(wheel)], tmp, 600)
+        work = tmp / "work"  # an empty working directory outside the repository
+        work.mkdir()
+        env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+        step("--version of every command")
+        for cmd in (
+            [str(bin_ / "sharedpoold"), "--version"],
+            [str(bin_ / "hv-netvsc-sim"), "--version"],
+            [str(bin_ / "python"), "-m", "pool.guest", "--version"],
+        ):
+            print("  " + run(cmd, work, env=env).strip())
+        step("sharedpoold until /readyz")
+        sock = tmp / "run" / "sharedpoold.sock"
+        log = tmp / "sharedpoold.log"
+        with open(log, "w") as logf:
+            proc = subprocess.Popen(
+                [
+                    str(bin_ / "sharedpoold"),
+                    "--state-dir",
+                    str(tmp / "state"),
+                    "--listen",
+                    f"unix:{sock}",
+                    "--metrics-listen",
+                    "tcp:127.0.0.1:0",
+                    *SMALL_GUEST,
+                    "--pool-max",
+                    "512MiB",
+                ],
+                cwd=work,
+                env=env,
+                stdout=logf,
+                stderr=subprocess.STDOUT,
+                text=True,
+                start_new_session=True,
+            )
+        try:
+            url = wait_ready(proc, log)
+            step("hv-netvsc-sim run --cycles 1 --strict against the daemon")
+            run(
+                [
+                    *(str(bin_ / "hv-netvsc-sim"), "run", "--cycles", "1", "--strict"),
+                    *("--daemon", f"unix:{sock}"),
+                ],
+                work,
+                env=env,
+            )
+            with urllib.request.urlopen(url + "/metrics", timeout=5) as answer:
+                if b"sharedpool_allocations_total" not in answer.read():
+                    raise Failed("/metrics lacks sharedpool_allocations_total")
+            step("sharedpoold stops on SIGTERM with exit 0")
+            proc.send_signal(signal.SIGTERM)
+            if proc.wait(timeout=30) != 0:
+                raise Failed(f"sharedpoold exited {proc.returncode}:\n{log.read_text()[-3000:]}")
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        step("hv-netvsc-sim run --cycles 1 --strict in-process")
+        run(
+            [str(bin_ / "hv-netvsc-sim"), "run", "--cycles", "1", "--strict", *SMALL_GUEST],
+            work,
+            env=env,
+        )
+        step("python -m pool.guest demo")
+        out = run([str(bin_ / "python"), "-m", "pool.guest", "demo", *SMALL_GUEST], work, env=env)
+        if "DirectMap" not in out:
+            raise Failed(f"pool.guest demo printed no direct map:\n{out[-2000:]}")
+        leftovers = [p.name for p in work.iterdir()]
+        if leftovers:
+            raise Failed(f"the commands wrote into the working directory: {leftovers}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--wheel", type=Path, help="check this wheel instead of building one")
+    parser.add_argument(
+        "--python", default=sys.executable, help="interpreter that makes the venv (default: this)"
+    )
+    parser.add_argument(
+        "--no-content-check",
+        action="store_true",
+        help="skip the wheel's file list check (to see what a user sees with a broken wheel)",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        help="keep the built wheel in this directory (make wheel-test: dist/, which the "
+        "container image installs); default: a temporary directory, removed",
+    )
+    parser.add_argument(
+        "--contents-only",
+        action="store_true",
+        help="only build the wheel and check its file list (seconds; the test suite's check)",
+    )
+    args = parser.parse_args()
+    t0 = time.monotonic()
+    out = args.out or Path(tempfile.mkdtemp(prefix="sharedpool-dist-"))
+    if args.out:
+        out.mkdir(parents=True, exist_ok=True)
+        for old in out.glob("sharedpool-*.whl"):
+            old.unlink()  # only the wheel of this tree is left for the image
+    try:
+        wheel = args.wheel or build_wheel(args.python, out)
+        if args.contents_only:
+            missing = missing_from(wheel)
+            if missing:
+                raise Failed(f"the wheel lacks tracked package data: {', '.join(missing)}")
+        else:
+            check(wheel.resolve(), args.python, not args.no_content_check)
+    except Failed as exc:
+        print(f"wheel-test: FAILED: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        if not args.out:
+            shutil.rmtree(out, ignore_errors=True)
+    print(f"wheel-test: passed in {time.monotonic() - t0:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
