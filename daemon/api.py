@@ -8,6 +8,7 @@ JSON integers (``true`` is not 1, ``1.0`` is not 1) within documented bounds.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import os
@@ -77,7 +78,11 @@ async def read_body(request: web.Request, *, optional: bool = False) -> dict[str
     if request.content_length is not None and request.content_length > limit:
         # answer at once: read() would wait for a declared body that may never come
         raise Problem("body-too-large", f"the body exceeds {limit} bytes")
-    raw = await request.read()  # raises 413 past client_max_size
+    try:
+        async with asyncio.timeout(request.app[keys.CONFIG]["daemon.body_timeout"]):
+            raw = await request.read()  # raises 413 past client_max_size
+    except TimeoutError:
+        raise Problem("request-timeout", "the request body did not arrive in time") from None
     if not raw.strip():
         if optional:
             return {}

@@ -15,6 +15,14 @@ from prometheus_client.aiohttp import make_aiohttp_handler
 from daemon import keys, systemd
 from daemon.api import healthz, problem_for, readyz, routes
 from daemon.config import Config
+from daemon.connections import (
+    METRICS_LIMIT,
+    ConnectionGuard,
+    GuardCollector,
+    default_limit,
+    guard_middleware_for,
+    raise_fd_limit,
+)
 from daemon.engine import OpenCancelled, Service, StateMismatch
 from daemon.metrics import Metrics
 from daemon.problems import Problem
@@ -104,6 +112,18 @@ async def _service_ctx(app: web.Application) -> AsyncIterator[None]:
     await service.close()
 
 
+async def _sweeper_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Close this app's idle connections (see daemon.connections)."""
+    task = asyncio.create_task(app[keys.CONNECTIONS].sweeper(), name="sweeper")
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+_guard_middleware = guard_middleware_for(lambda request: request.app[keys.CONNECTIONS])
+
+
 async def _loop(
     name: str, interval: Callable[[], float], body: Callable[[], Awaitable[object]]
 ) -> None:
@@ -174,18 +194,24 @@ def create_app(
     """The daemon's application. `stop(status)` is called when the daemon must exit (a fatal
     error or a failed restore); `notify` sends sd_notify states."""
     app = web.Application(
-        client_max_size=config["daemon.body_limit"], middlewares=[problem_middleware]
+        client_max_size=config["daemon.body_limit"],
+        middlewares=[_guard_middleware, problem_middleware],
     )
     service = service or Service(config, reset_state=reset_state)
     app[keys.CONFIG] = config
     app[keys.SERVICE] = service
     app[keys.METRICS] = Metrics(service, __version__)
+    limit = config["daemon.max_connections"] or default_limit(raise_fd_limit())
+    app[keys.CONNECTIONS] = ConnectionGuard("api", limit, config["daemon.idle_timeout"])
+    app[keys.GUARDS] = [app[keys.CONNECTIONS]]
+    app[keys.METRICS].registry.register(GuardCollector(app[keys.GUARDS]))
     app[keys.OPENAPI] = _openapi_bytes()
     app[keys.STOP] = stop or (lambda status: None)
     app[keys.NOTIFY] = notify or (lambda state: False)
     service.on_fatal = lambda exc: app[keys.STOP](EXIT_FATAL)
     app.cleanup_ctx.append(_service_ctx)
     app.cleanup_ctx.append(_background_ctx)
+    app.cleanup_ctx.append(_sweeper_ctx)
     app.add_routes(routes)
     app.router.add_get("/metrics", make_aiohttp_handler(app[keys.METRICS].registry))
     return app
@@ -196,10 +222,15 @@ def create_metrics_app(main: web.Application) -> web.Application:
     daemon `main` (same service, same registry) and nothing else — every other path is a
     404 problem. This is what the shipped units and manifests expose over TCP; the API
     stays on the Unix socket. It owns no background task: `main` does."""
-    app = web.Application(client_max_size=1024, middlewares=[problem_middleware])
+    app = web.Application(client_max_size=1024, middlewares=[_guard_middleware, problem_middleware])
     app[keys.CONFIG] = main[keys.CONFIG]
     app[keys.SERVICE] = main[keys.SERVICE]
     app[keys.METRICS] = main[keys.METRICS]
+    app[keys.CONNECTIONS] = ConnectionGuard(
+        "metrics", METRICS_LIMIT, main[keys.CONFIG]["daemon.idle_timeout"]
+    )
+    main[keys.GUARDS].append(app[keys.CONNECTIONS])
+    app.cleanup_ctx.append(_sweeper_ctx)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", make_aiohttp_handler(main[keys.METRICS].registry))

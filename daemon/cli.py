@@ -19,13 +19,13 @@ import signal
 import socket
 import stat
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 
-from daemon import logs, systemd
+from daemon import keys, logs, systemd
 from daemon.app import EXIT_CONFIG, create_app, create_metrics_app
 from daemon.config import (
     FIELDS,
@@ -38,6 +38,7 @@ from daemon.config import (
     resolved_toml,
     show_value,
 )
+from daemon.connections import GuardedSite, rate_limited_exception_handler
 from daemon.engine import StateMismatch
 from daemon.journal import Journal
 from daemon.statedir import StateDirError, lock_state_dir
@@ -61,6 +62,10 @@ needs a registration secret (daemon.registration_secret_file) or an explicit
 
 The state directory must be owned by the daemon's uid and not writable by group or
 others; one daemon per state directory (a lock held for the daemon's life).
+
+signals: SIGTERM and SIGINT stop after a drain; SIGHUP re-reads the configuration and
+applies the log level (other changes are logged as needing a restart); SIGUSR1 and
+SIGUSR2 are ignored (logged).
 
 exit status: 0 after a clean stop (SIGTERM/SIGINT), 1 on a fatal error, 2 on a
 configuration error (or a state directory in use or not safe), 3 when the state cannot
@@ -214,7 +219,33 @@ def _is_tcp(sock: socket.socket) -> bool:
     return sock.family in (socket.AF_INET, socket.AF_INET6)
 
 
-async def serve(config: Config, *, reset_state: bool = False) -> int:
+RELOADABLE = ("daemon.log_level",)
+
+
+def reload_config(current: Config, reread: Callable[[], Config]) -> Config:
+    """SIGHUP: read the configuration again and apply what can change while running (the
+    log level); every other difference is logged as needing a restart. A bad file is
+    logged and changes nothing."""
+    try:
+        new = reread()
+    except ConfigError as exc:
+        log.warning("SIGHUP: configuration not reloaded: %s", exc)
+        return current
+    applied: list[str] = []
+    pending: list[str] = []
+    for key in sorted(new.values):
+        if new[key] != current[key]:
+            (applied if key in RELOADABLE else pending).append(key)
+    # said before the level changes, so that it is logged at the old level too
+    log.info("SIGHUP: configuration reloaded", extra={"applied": applied, "needs_restart": pending})
+    if "daemon.log_level" in applied:
+        logging.getLogger().setLevel(new["daemon.log_level"].upper())
+    return current.with_values(**{k.replace(".", "__"): new[k] for k in applied})
+
+
+async def serve(
+    config: Config, *, reset_state: bool = False, reread: Callable[[], Config] | None = None
+) -> int:
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()
     status = {"code": 0}
@@ -226,15 +257,24 @@ async def serve(config: Config, *, reset_state: bool = False) -> int:
 
     app = create_app(config, reset_state=reset_state, stop=stop, notify=systemd.notify)
     access_log = logging.getLogger("aiohttp.access") if config["daemon.access_log"] else None
+    # idle keep-alive connections close with the idle/header timeout (aiohttp: 1 hour)
+    idle = config["daemon.idle_timeout"]
     runner = web.AppRunner(
         app,
         handle_signals=False,
         access_log=access_log,
         shutdown_timeout=config["daemon.shutdown_timeout"],
+        keepalive_timeout=idle,
     )
+    metrics_app = create_metrics_app(app)
     metrics_runner = web.AppRunner(
-        create_metrics_app(app), handle_signals=False, access_log=access_log, shutdown_timeout=1
+        metrics_app,
+        handle_signals=False,
+        access_log=access_log,
+        shutdown_timeout=1,
+        keepalive_timeout=idle,
     )
+    loop.set_exception_handler(rate_limited_exception_handler())
     passed = systemd.listen_fds_with_names()
     api_socks = [sock for name, sock in passed if name != "metrics"]
     metrics_socks = [sock for name, sock in passed if name == "metrics"]
@@ -264,12 +304,25 @@ async def serve(config: Config, *, reset_state: bool = False) -> int:
         return 1
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop, 0)
+    live = [config]
+
+    def hup() -> None:
+        live[0] = reload_config(live[0], reread or (lambda: live[0]))
+
+    loop.add_signal_handler(signal.SIGHUP, hup)
+
+    # SIGUSR1/SIGUSR2 would kill the process without a drain: ignored, and said so
+    def ignored(sig: signal.Signals) -> None:
+        log.info("%s ignored", sig.name)
+
+    for sig in (signal.SIGUSR1, signal.SIGUSR2):
+        loop.add_signal_handler(sig, ignored, sig)
     await runner.setup()
     await metrics_runner.setup()
     for sock in api_socks:
-        await web.SockSite(runner, sock, backlog=256).start()
+        await GuardedSite(runner, sock, app[keys.CONNECTIONS]).start()
     for sock in metrics_socks:
-        await web.SockSite(metrics_runner, sock, backlog=256).start()
+        await GuardedSite(metrics_runner, sock, metrics_app[keys.CONNECTIONS]).start()
     bound = [_describe(s) for s in runner.addresses]
     metrics_bound = [_describe(s) for s in metrics_runner.addresses]
     log.info(
@@ -335,7 +388,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 )
                 return 3
         try:
-            return asyncio.run(serve(config, reset_state=args.reset_state))
+            return asyncio.run(
+                serve(config, reset_state=args.reset_state, reread=lambda: config_from_args(args))
+            )
         except KeyboardInterrupt:
             return 130
     finally:

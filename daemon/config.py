@@ -455,6 +455,35 @@ FIELDS: tuple[Field, ...] = (
     ),
     Field(
         "daemon",
+        "max_connections",
+        _int,
+        0,
+        "API connections admitted at once (0: sized to the descriptor limit, which is raised "
+        "from soft to hard at start); one more is answered 503 and closed at once",
+        "max-connections",
+        "N",
+    ),
+    Field(
+        "daemon",
+        "idle_timeout",
+        _float,
+        10.0,
+        "seconds a connection may stay without a request in flight (after connecting or "
+        "after its last answer) before it is closed: keep-alive idle and header timeout",
+        "idle-timeout",
+        "SECONDS",
+    ),
+    Field(
+        "daemon",
+        "body_timeout",
+        _float,
+        10.0,
+        "seconds to receive a request body once its headers arrived (408 after)",
+        "body-timeout",
+        "SECONDS",
+    ),
+    Field(
+        "daemon",
         "shutdown_timeout",
         _float,
         10.0,
@@ -620,7 +649,15 @@ def _validate(config: Config) -> Config:
     for key in ("faults.failure_rate", "faults.retry_rate"):
         if not 0.0 <= v[key] <= 1.0:
             raise ConfigError(key, "must be within [0, 1]")
-    for key in ("daemon.lease_ttl", "daemon.maintain_interval", "daemon.snapshot_interval"):
+    if v["daemon.max_connections"] < 0:
+        raise ConfigError("daemon.max_connections", "must be >= 0 (0: sized to the fd limit)")
+    for key in (
+        "daemon.lease_ttl",
+        "daemon.maintain_interval",
+        "daemon.snapshot_interval",
+        "daemon.idle_timeout",
+        "daemon.body_timeout",
+    ):
         if v[key] <= 0:
             raise ConfigError(key, "must be > 0")
     if v["daemon.shutdown_timeout"] < 0:

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from aiohttp import web
 
 from daemon.config import Config
+from daemon.connections import ConnectionGuard
 from daemon.engine import Service
 from daemon.metrics import Metrics
 
@@ -18,3 +19,7 @@ OPENAPI = web.AppKey("openapi", bytes)
 STOP: web.AppKey[Callable[[int], None]] = web.AppKey("stop")
 # sd_notify(state) or a no-op.
 NOTIFY: web.AppKey[Callable[[str], bool]] = web.AppKey("notify")
+# The connection guard of this app's listeners, and every guard of the daemon (the main
+# app's list; the metrics app adds its own) for the metrics.
+CONNECTIONS = web.AppKey("connections", ConnectionGuard)
+GUARDS: web.AppKey[list[ConnectionGuard]] = web.AppKey("guards")

@@ -11,6 +11,8 @@ import sys
 import time
 from typing import Any
 
+from aiohttp.http_exceptions import HttpProcessingError
+
 _STD = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime"}
 _BEARER = re.compile(r"(?i)(bearer\s+)[A-Za-z0-9._~+/=-]+")
 
@@ -60,6 +62,36 @@ class RedactFilter(logging.Filter):
         return True
 
 
+class MalformedRequestFilter(logging.Filter):
+    """aiohttp logs a request it cannot parse (bad request line, bad header) as an ERROR
+    with a ~700-byte traceback, once per request: a client's garbage, not a daemon error.
+    It becomes one WARNING line without a traceback, at most one a second, carrying how
+    many such requests it stands for (the client gets its 400 either way)."""
+
+    def __init__(self, interval: float = 1.0) -> None:
+        super().__init__()
+        self.interval = interval
+        self._last = -float("inf")
+        self._count = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if not isinstance(exc, HttpProcessingError):
+            return True
+        self._count += 1
+        now = time.monotonic()
+        if now - self._last < self.interval:
+            return False
+        self._last = now
+        first = str(exc.message).strip().splitlines()[0] if exc.message else type(exc).__name__
+        record.levelno, record.levelname = logging.WARNING, "WARNING"
+        record.msg, record.args = "malformed HTTP request refused: %s", (first[:120],)
+        record.exc_info, record.exc_text = None, None
+        record.__dict__["count"] = self._count
+        self._count = 0
+        return True
+
+
 def setup(json_lines: bool, level: str, access_log: bool) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if json_lines else TextFormatter())
@@ -68,3 +100,5 @@ def setup(json_lines: bool, level: str, access_log: bool) -> None:
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     logging.getLogger("aiohttp.access").setLevel(logging.INFO if access_log else logging.WARNING)
+    server_log = logging.getLogger("aiohttp.server")
+    server_log.filters[:] = [MalformedRequestFilter()]

@@ -45,12 +45,14 @@ PROBLEMS: dict[str, tuple[int, str]] = {
     "method-not-allowed": (405, "Method not allowed"),
     "double-free": (409, "Buffer already freed"),
     "unsupported": (409, "Operation not supported by this strategy"),
+    "request-timeout": (408, "Request body not received in time"),
     "body-too-large": (413, "Request body too large"),
     "unsupported-media-type": (415, "Unsupported media type"),
     "internal": (500, "Internal error"),
     "not-ready": (503, "Not ready"),
     "pool-exhausted": (503, "Pool exhausted"),
     "conversion-failed": (503, "Conversion failed"),
+    "too-many-connections": (503, "Too many connections"),
 }
 
 RETRY_AFTER_SECONDS = 1

@@ -266,8 +266,10 @@ async def test_tokens_never_logged(tmp_path: Path) -> None:
     for tok in tokens:
         assert tok not in log, "a token was logged"
         assert tok[:16] not in log, "a token prefix was logged"
-    # the paths that could have logged one were taken
-    assert "lease expired" in log and "<redacted>" in log and "Error handling request" in log
+    # the paths that could have logged one were taken (aiohttp's parser errors are one
+    # WARNING line without the traceback that once quoted the header line)
+    assert "lease expired" in log and "malformed HTTP request refused" in log
+    assert "Traceback" not in log
     for line in log.splitlines():
         if not line.startswith("sharedpoold listening"):
             json.loads(line)  # every line is one JSON object, redaction included

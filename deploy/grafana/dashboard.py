@@ -572,7 +572,7 @@ def build() -> dash_m.Dashboard:
             (f"process_virtual_memory_bytes{{{SEL}}}", "virtual {{instance}}"),
             (f"rate(process_cpu_seconds_total{{{SEL}}}[$__rate_interval])", "CPU {{instance}}"),
         ],
-        width=12,
+        width=8,
         right_axis={"C": "percentunit"},
     )
     b.timeseries(
@@ -584,7 +584,28 @@ def build() -> dash_m.Dashboard:
             (f"process_open_fds{{{SEL}}}", "open {{instance}}"),
             (f"process_max_fds{{{SEL}}}", "limit {{instance}}"),
         ],
-        width=8,
+        width=6,
+    )
+    b.timeseries(
+        "Connections",
+        "Open connections per listener against their limit, and the rate of connections "
+        "refused at the limit (503) or closed by the idle/header timeout.",
+        "short",
+        [
+            (f"sum by (listener) (sharedpool_connections{{{SEL}}})", "open {{listener}}"),
+            (f"sum by (listener) (sharedpool_connections_limit{{{SEL}}})", "limit {{listener}}"),
+            (
+                f"sum by (listener) (rate(sharedpool_connections_refused_total{{{SEL}}}"
+                "[$__rate_interval]))",
+                "refused/s {{listener}}",
+            ),
+            (
+                f"sum by (listener) (rate(sharedpool_connections_closed_idle_total{{{SEL}}}"
+                "[$__rate_interval]))",
+                "idle-closed/s {{listener}}",
+            ),
+        ],
+        width=6,
     )
     b.stat(
         "Up since",
