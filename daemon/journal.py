@@ -191,6 +191,9 @@ class Journal:
                 "the database)"
             )
         chain = self.chain_at(acknowledged.seq)
+        snap = self._db.execute("SELECT seq FROM snapshot WHERE id = 1").fetchone()
+        if chain is None and snap is not None and int(snap[0]) > acknowledged.seq:
+            return None  # compacted into a later snapshot, which the daemon wrote after it
         if chain is None:
             return f"the journal no longer holds record {acknowledged.seq}, which was acknowledged"
         if chain != acknowledged.chain:
