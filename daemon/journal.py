@@ -74,7 +74,13 @@ class Journal:
         row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
         return None if row is None else json.loads(row[0])
 
+    def put_meta(self, key: str, value: Any) -> None:
+        """Store one meta value, committed at once."""
+        with self._tx():
+            self.set_meta(key, value)
+
     def set_meta(self, key: str, value: Any) -> None:
+        """Store one meta value inside the caller's transaction (see put_meta)."""
         self._db.execute(
             "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, _dumps(value))
         )
