@@ -22,7 +22,15 @@ import attrs
 from aiohttp import web
 
 from daemon import keys
-from daemon.engine import Client, NotReady, Service, Unsupported
+from daemon.engine import (
+    Client,
+    ClientGone,
+    NotReady,
+    QuotaExceeded,
+    Service,
+    StorageFull,
+    Unsupported,
+)
 from daemon.problems import Problem
 from daemon.views import PoolView
 from pool.strategy import AllocationError, DoubleFree, NotOwner, StrategyError, UnknownBuffer
@@ -467,6 +475,14 @@ def problem_for(exc: BaseException) -> Problem | None:
         return Problem("invalid-field", str(exc))
     if isinstance(exc, Unsupported):
         return Problem("unsupported", str(exc))
+    if isinstance(exc, ClientGone):
+        # unregistered or expired while its request was arriving: its token is gone too
+        return Problem("unauthorized", "the client is no longer registered")
+    if isinstance(exc, QuotaExceeded):
+        name = "too-many-clients" if exc.reason == "max_clients" else "quota-exceeded"
+        return Problem(name, str(exc), reason=exc.reason)
+    if isinstance(exc, StorageFull):
+        return Problem("storage-full", str(exc), reason="storage_full")
     if isinstance(exc, web.HTTPException) and exc.status in _HTTP_PROBLEMS:
         headers = {}
         if exc.status == 405 and "Allow" in exc.headers:

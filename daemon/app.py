@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import sqlite3
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from importlib import resources
@@ -23,7 +24,7 @@ from daemon.connections import (
     guard_middleware_for,
     raise_fd_limit,
 )
-from daemon.engine import OpenCancelled, Service, StateMismatch
+from daemon.engine import OpenCancelled, RestoreError, Service, StateMismatch
 from daemon.metrics import Metrics
 from daemon.problems import Problem
 from pool import __version__
@@ -33,6 +34,7 @@ log = logging.getLogger("sharedpoold")
 EXIT_FATAL = 1
 EXIT_CONFIG = 2
 EXIT_RESTORE = 3
+EXIT_STORAGE = 4  # the state directory's storage failed (read-only, permissions, I/O)
 
 
 @web.middleware
@@ -94,6 +96,19 @@ async def _service_ctx(app: web.Application) -> AsyncIterator[None]:
             service.state, service.error = "failed", str(exc)
             log.error("cannot start: %s", exc)
             app[keys.STOP](EXIT_CONFIG)
+        except RestoreError as exc:  # a rollback, a record that replays otherwise, ...
+            service.state, service.error = "failed", str(exc)
+            log.error("cannot restore the state: %s", exc)
+            app[keys.STOP](EXIT_RESTORE)
+        except (sqlite3.Error, OSError) as exc:  # read-only, permissions, I/O: the storage
+            service.state, service.error = "failed", str(exc)
+            log.error(
+                "storage error in %s: %s",
+                service.config.state_dir,
+                exc,
+                extra={"error": type(exc).__name__},
+            )
+            app[keys.STOP](EXIT_STORAGE)
         except Exception as exc:
             service.state, service.error = "failed", repr(exc)
             log.error("cannot restore the state: %s", exc, exc_info=exc)
@@ -188,6 +203,7 @@ def create_app(
     *,
     service: Service | None = None,
     reset_state: bool = False,
+    accept_rollback: bool = False,
     stop: Callable[[int], None] | None = None,
     notify: Callable[[str], bool] | None = None,
 ) -> web.Application:
@@ -197,7 +213,7 @@ def create_app(
         client_max_size=config["daemon.body_limit"],
         middlewares=[_guard_middleware, problem_middleware],
     )
-    service = service or Service(config, reset_state=reset_state)
+    service = service or Service(config, reset_state=reset_state, accept_rollback=accept_rollback)
     app[keys.CONFIG] = config
     app[keys.SERVICE] = service
     app[keys.METRICS] = Metrics(service, __version__)

@@ -65,12 +65,14 @@ The state directory must be owned by the daemon's uid and not writable by group 
 others; one daemon per state directory (a lock held for the daemon's life).
 
 signals: SIGTERM and SIGINT stop after a drain; SIGHUP re-reads the configuration and
-applies the log level (other changes are logged as needing a restart); SIGUSR1 and
+applies the log level and the quotas (other changes are logged as needing a restart); SIGUSR1 and
 SIGUSR2 are ignored (logged).
 
 exit status: 0 after a clean stop (SIGTERM/SIGINT), 1 on a fatal error, 2 on a
 configuration error (or a state directory in use or not safe), 3 when the state cannot
-be restored.
+be restored (a journal behind what was acknowledged included: see --accept-rollback), 4 on
+a storage error (read-only, permissions, I/O). A full disk is not an exit: the daemon
+serves reads, refuses changes (503 storage-full) and resumes when space returns.
 """
 
 
@@ -89,6 +91,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--reset-state",
         action="store_true",
         help="discard the state directory's journal and snapshot first",
+    )
+    parser.add_argument(
+        "--accept-rollback",
+        action="store_true",
+        help="start even when the journal is behind or other than what was acknowledged "
+        "(a lost or damaged WAL): the loss is logged, and accepted",
     )
     parser.add_argument(
         "--print-default-config",
@@ -212,13 +220,20 @@ def _is_tcp(sock: socket.socket) -> bool:
     return sock.family in (socket.AF_INET, socket.AF_INET6)
 
 
-RELOADABLE = ("daemon.log_level",)
+RELOADABLE = (
+    "daemon.log_level",
+    "daemon.max_clients",
+    "daemon.client_max_buffers",
+    "daemon.client_max_bytes",
+)
 
 
-def reload_config(current: Config, reread: Callable[[], Config]) -> Config:
+def reload_config(
+    current: Config, reread: Callable[[], Config], apply: Callable[[Config], None]
+) -> Config:
     """SIGHUP: read the configuration again and apply what can change while running (the
-    log level); every other difference is logged as needing a restart. A bad file is
-    logged and changes nothing."""
+    log level, the quotas: `apply`); every other difference is logged as needing a
+    restart. A bad file is logged and changes nothing."""
     try:
         new = reread()
     except ConfigError as exc:
@@ -233,11 +248,17 @@ def reload_config(current: Config, reread: Callable[[], Config]) -> Config:
     log.info("SIGHUP: configuration reloaded", extra={"applied": applied, "needs_restart": pending})
     if "daemon.log_level" in applied:
         logging.getLogger().setLevel(new["daemon.log_level"].upper())
-    return current.with_values(**{k.replace(".", "__"): new[k] for k in applied})
+    updated = current.with_values(**{k.replace(".", "__"): new[k] for k in applied})
+    apply(updated)
+    return updated
 
 
 async def serve(
-    config: Config, *, reset_state: bool = False, reread: Callable[[], Config] | None = None
+    config: Config,
+    *,
+    reset_state: bool = False,
+    accept_rollback: bool = False,
+    reread: Callable[[], Config] | None = None,
 ) -> int:
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()
@@ -248,7 +269,13 @@ async def serve(
             status["code"] = code
             stopping.set()
 
-    app = create_app(config, reset_state=reset_state, stop=stop, notify=systemd.notify)
+    app = create_app(
+        config,
+        reset_state=reset_state,
+        accept_rollback=accept_rollback,
+        stop=stop,
+        notify=systemd.notify,
+    )
     access_log = logging.getLogger("aiohttp.access") if config["daemon.access_log"] else None
     # idle keep-alive connections close with the idle/header timeout (aiohttp: 1 hour)
     idle = config["daemon.idle_timeout"]
@@ -300,7 +327,9 @@ async def serve(
     live = [config]
 
     def hup() -> None:
-        live[0] = reload_config(live[0], reread or (lambda: live[0]))
+        live[0] = reload_config(
+            live[0], reread or (lambda: live[0]), app[keys.SERVICE].apply_limits
+        )
 
     loop.add_signal_handler(signal.SIGHUP, hup)
 
@@ -382,7 +411,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return 3
         try:
             return asyncio.run(
-                serve(config, reset_state=args.reset_state, reread=lambda: config_from_args(args))
+                serve(
+                    config,
+                    reset_state=args.reset_state,
+                    accept_rollback=args.accept_rollback,
+                    reread=lambda: config_from_args(args),
+                )
             )
         except KeyboardInterrupt:
             return 130

@@ -455,6 +455,34 @@ FIELDS: tuple[Field, ...] = (
     ),
     Field(
         "daemon",
+        "max_clients",
+        _int,
+        1024,
+        "registered clients at most (503 max_clients beyond)",
+        "max-clients",
+        "N",
+    ),
+    Field(
+        "daemon",
+        "client_max_buffers",
+        _int,
+        4096,
+        "live buffers one client may hold (429 client_buffers beyond; a vNIC holds ~70)",
+        "client-max-buffers",
+        "N",
+    ),
+    Field(
+        "daemon",
+        "client_max_bytes",
+        _size,
+        0,
+        "bytes of live buffers one client may hold (429 client_bytes beyond; 0: half of "
+        "pool.max, so that no client can take the whole pool)",
+        "client-max-bytes",
+        "SIZE",
+    ),
+    Field(
+        "daemon",
         "max_connections",
         _int,
         0,
@@ -596,6 +624,11 @@ class Config:
         return tuple(_absolute_listen(a) for a in self.values["daemon.metrics_listen"])
 
     @property
+    def client_max_bytes(self) -> int:
+        """daemon.client_max_bytes, 0 resolved to half of pool.max."""
+        return int(self.values["daemon.client_max_bytes"] or self.values["pool.max"] // 2)
+
+    @property
     def registration_secret(self) -> str:
         return str(self.values["daemon.registration_secret"])
 
@@ -648,6 +681,9 @@ def _validate(config: Config) -> Config:
     for key in ("faults.failure_rate", "faults.retry_rate"):
         if not 0.0 <= v[key] <= 1.0:
             raise ConfigError(key, "must be within [0, 1]")
+    for key in ("daemon.max_clients", "daemon.client_max_buffers"):
+        if v[key] < 1:
+            raise ConfigError(key, "must be >= 1")
     if v["daemon.max_connections"] < 0:
         raise ConfigError("daemon.max_connections", "must be >= 0 (0: sized to the fd limit)")
     for key in (

@@ -29,9 +29,12 @@ import attrs
 
 from daemon.clients import AdminCredential, Client, Clients, token_hash
 from daemon.config import Config
-from daemon.journal import AsyncJournal, Journal
+from daemon.journal import AsyncJournal, Journal, is_storage_full
+from daemon.position import POSITION_NAME, Position, PositionFile
+from daemon.quotas import QuotaExceeded, Quotas
 from daemon.state import (
     Allocate,
+    ClientGone,
     Command,
     DaemonState,
     Dropped,
@@ -59,12 +62,16 @@ from pool.strategy import AllocationError, Buffer, FreeResult, NotOwner, Strateg
 __all__ = [
     "IDLE_BATCH",
     "Client",
+    "ClientGone",
     "NotReady",
     "OpenCancelled",
+    "QuotaExceeded",
     "Registration",
     "RestoreError",
+    "Rollback",
     "Service",
     "StateMismatch",
+    "StorageFull",
     "Unsupported",
     "differences",
     "remove_state",
@@ -80,6 +87,18 @@ class NotReady(Exception):
     """The pool is still being built or restored (or the service has stopped)."""
 
 
+class StorageFull(Exception):
+    """The journal cannot be written (the disk is full): changes are refused until space
+    returns; reads are served."""
+
+
+class Rollback(RestoreError):
+    """The journal is behind, or other than, what the daemon acknowledged."""
+
+
+EXPIRY_BATCH_BUFFERS = 2048  # buffers reclaimed between two yields to the event loop
+
+
 @attrs.frozen
 class Registration:
     """A new client: its id, its token (shown once, stored only as a hash), its lease."""
@@ -93,9 +112,17 @@ class Registration:
 class Service:
     """The state of one daemon behind its journal."""
 
-    def __init__(self, config: Config, *, reset_state: bool = False) -> None:
+    def __init__(
+        self, config: Config, *, reset_state: bool = False, accept_rollback: bool = False
+    ) -> None:
         self.config = config
         self.reset_state = reset_state
+        self.accept_rollback = accept_rollback
+        self.quotas = Quotas(
+            config["daemon.max_clients"],
+            config["daemon.client_max_buffers"],
+            config.client_max_bytes,
+        )
         self.state = "starting"  # starting -> ready -> stopping | failed | stopped
         self.error: str | None = None
         self._ds: DaemonState | None = None
@@ -154,17 +181,28 @@ class Service:
         if self.reset_state:
             for suffix in ("", "-wal", "-shm"):
                 Path(f"{db_path}{suffix}").unlink(missing_ok=True)
+            (state_dir / POSITION_NAME).unlink(missing_ok=True)
         journal = Journal(db_path, self.config["daemon.synchronous"])
+        position = None
         try:
+            position = PositionFile(
+                state_dir / POSITION_NAME, sync=self.config["daemon.synchronous"] == "full"
+            )
+            self._check_rollback(journal, position)
             restored = restore(
                 self.config,
                 journal,
                 progress=self._aging_progress,
                 cancelled=self.cancel_open.is_set,
             )
-            self.journal = AsyncJournal(journal, journal.last_seq())
+            here = Position(journal.last_seq(), journal.last_chain)
+            if position.read() != here:
+                position.write(here)  # first start, or a rollback the operator accepted
+            self.journal = AsyncJournal(journal, journal.last_seq(), position)
         except BaseException:
             journal.close()
+            if position is not None:
+                position.close()
             raise
         state = restored.state
         state.clients.renew_all(time.monotonic())  # every lease starts afresh after a restart
@@ -178,6 +216,21 @@ class Service:
             "clients": len(state.clients),
         }
         self.state = "ready"
+
+    def _check_rollback(self, journal: Journal, position: PositionFile) -> None:
+        """Refuse a journal shorter than, or different from, what was acknowledged (a lost,
+        truncated or damaged WAL; an old copy of the database) unless --accept-rollback."""
+        problem = journal.rollback_from(position.read())
+        if problem is None:
+            return
+        if not self.accept_rollback:
+            raise Rollback(
+                f"{journal.path}: {problem}; refusing to start with a state older than the "
+                "one acknowledged to clients (restore the database and its -wal file, or "
+                "start with --accept-rollback to accept the loss)"
+            )
+        log.warning("rollback accepted (--accept-rollback): %s", problem)
+        self.restore_info["rollback_accepted"] = problem
 
     def _aging_progress(self, what: str, done: int, total: int) -> None:
         """Called about every 1 % of the start-up aging: stop promptly on SIGTERM, and let
@@ -194,13 +247,19 @@ class Service:
             raise NotReady(self.state)
         return self._ds, self.journal
 
+    @property
+    def storage_full(self) -> bool:
+        return self.journal is not None and self.journal.full
+
     def _record(self, command: Command[R]) -> R:
         state, journal = self._require_ready()
+        if journal.full:
+            raise StorageFull("the disk is full: changes are refused until space returns")
         if self._idle:
             self._flush_idle()
         try:
             outcome = state.execute(command)
-        except (StrategyError, Unsupported):
+        except (StrategyError, Unsupported, ClientGone):
             raise  # refused before any change (UnknownBuffer, NotOwner, DoubleFree, ...)
         except Exception as exc:
             self._fatal(exc)
@@ -233,7 +292,14 @@ class Service:
 
     # ---- clients ---------------------------------------------------------------------
 
+    def apply_limits(self, config: Config) -> None:
+        """SIGHUP: the quotas of a re-read configuration, from now on."""
+        self.quotas.max_clients = config["daemon.max_clients"]
+        self.quotas.client_max_buffers = config["daemon.client_max_buffers"]
+        self.quotas.client_max_bytes = config.client_max_bytes
+
     async def register(self, name: str) -> Registration:
+        self.quotas.check_register(len(self.clients))
         token = secrets.token_urlsafe(32)
         client = self._record(
             Register(
@@ -265,19 +331,31 @@ class Service:
         return dropped
 
     async def expire_leases(self) -> list[str]:
-        """Expire the clients whose lease ran out; their buffers are reclaimed."""
-        if not self.ready:
+        """Expire the clients whose lease ran out; their buffers are reclaimed, in batches
+        of about EXPIRY_BATCH_BUFFERS buffers between which the event loop runs (400
+        clients of 650 buffers expiring together once froze it for 22 s). Nothing expires
+        while the disk is full: the clients could not have been told."""
+        if not self.ready or self.storage_full:
             return []
         expired = self.clients.expired(self.config["daemon.lease_ttl"], time.monotonic())
+        done: list[str] = []
+        batch = 0
         for client in expired:
+            if client.id not in self.clients or not self.ready or self.storage_full:
+                continue  # unregistered meanwhile, or stopping
             dropped = self._record(Expire(client.id))
+            done.append(client.id)
+            batch += len(dropped.freed) + 1
             log.warning(
                 "lease expired",
                 extra={"client_id": client.id, "reclaimed_buffers": len(dropped.freed)},
             )
-        if expired:
+            if batch >= EXPIRY_BATCH_BUFFERS:
+                batch = 0
+                await self._durable()  # yields to the loop while the batch is written
+        if batch:
             await self._durable()
-        return [c.id for c in expired]
+        return done
 
     # ---- buffers ---------------------------------------------------------------------
 
@@ -285,6 +363,10 @@ class Service:
         """A buffer, or the strategy's AllocationError (its reason and message) once the
         refusal is durable: a refusal is journaled, as it counts in the strategy's stats."""
         state, _ = self._require_ready()
+        if client.id not in state.clients:
+            raise ClientGone(f"client {client.id} is not registered")
+        ledger = state.strategy.ledger
+        self.quotas.check_allocate(ledger.count(client.id), ledger.owner_bytes(client.id), size)
         guest = state.guest
         t0 = time.perf_counter()
         m0 = guest.stats.modeled_conversion_seconds
@@ -334,8 +416,9 @@ class Service:
 
     async def maintain(self) -> bool:
         """One background pass (growth below the low watermark, shrink above the high one).
-        Passes that change nothing are batched into one `idle` record."""
-        if not self.ready:
+        Passes that change nothing are batched into one `idle` record. None while the disk
+        is full."""
+        if not self.ready or self.storage_full:
             return False
         state, journal = self._require_ready()
         command = Maintain(state.clock.now())
@@ -365,6 +448,8 @@ class Service:
         """Write the whole state as of the last journal record, and drop the records it covers.
         Returns the record number it covers."""
         state, journal = self._require_ready()
+        if journal.full:
+            return self.snapshot_seq  # nothing can be written; the next interval retries
         if self._idle:
             self._flush_idle()
         while journal.committed != journal.last_seq:
@@ -372,7 +457,13 @@ class Service:
         # No await from here to the pickle: the state is exactly that of record `seq`.
         seq = journal.last_seq
         blob = state.snapshot(seq)
-        await journal.run(journal.journal.write_snapshot, seq, blob)
+        try:
+            await journal.run(journal.journal.write_snapshot, seq, blob)
+        except Exception as exc:
+            if not is_storage_full(exc):
+                raise
+            log.warning("snapshot not written, the disk is full: %s", exc)
+            return self.snapshot_seq
         self.snapshot_seq = seq
         return seq
 
@@ -382,7 +473,13 @@ class Service:
         if journal is None:
             self.state = "stopped"
             return
-        if self.state == "ready":
+        if self.state == "ready" and journal.full:
+            log.error(
+                "stopping with a full disk: %d records never acknowledged are not saved",
+                journal.pending,
+                extra={"state_dir": str(self.config.state_dir)},
+            )
+        elif self.state == "ready":
             if self._idle:
                 self._flush_idle()
             await self._durable()

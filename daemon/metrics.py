@@ -200,6 +200,7 @@ class Metrics:
         disable_created_metrics()  # type: ignore[no-untyped-call]
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(PoolCollector(service))
+        self.registry.register(ServiceCollector(service))
         # the standard process_* (RSS, fds, CPU, start time) and python_info series, as
         # the default registry has them: this registry is the app's own
         ProcessCollector(registry=self.registry)
@@ -228,3 +229,26 @@ class Metrics:
     def observe_allocation(self, size: int, ok: bool, seconds: float, modeled: float) -> None:
         self.alloc_duration.labels(size_class(size)).observe(seconds)
         self.modeled_conversion.observe(modeled)
+
+
+class ServiceCollector(Collector):
+    """The service's own health: quota refusals (daemon.quotas) and the storage state."""
+
+    def __init__(self, service: Service) -> None:
+        self.service = service
+
+    def collect(self) -> Iterator[Metric]:
+        yield from self.service.quotas.collect()
+        full = GaugeMetricFamily(
+            P + "storage_full",
+            "1 while the journal cannot be written (disk full): changes are refused",
+        )
+        full.add_metric([], 1.0 if self.service.storage_full else 0.0)
+        yield full
+        journal = self.service.journal
+        events = CounterMetricFamily(
+            P + "storage_full_events",
+            "Times the journal found the disk full",
+        )
+        events.add_metric([], journal.full_events if journal is not None else 0)
+        yield events

@@ -47,12 +47,15 @@ PROBLEMS: dict[str, tuple[int, str]] = {
     "unsupported": (409, "Operation not supported by this strategy"),
     "request-timeout": (408, "Request body not received in time"),
     "body-too-large": (413, "Request body too large"),
+    "quota-exceeded": (429, "Quota exceeded"),
     "unsupported-media-type": (415, "Unsupported media type"),
     "internal": (500, "Internal error"),
     "not-ready": (503, "Not ready"),
     "pool-exhausted": (503, "Pool exhausted"),
     "conversion-failed": (503, "Conversion failed"),
     "too-many-connections": (503, "Too many connections"),
+    "too-many-clients": (503, "Too many clients"),
+    "storage-full": (503, "Storage full"),
 }
 
 RETRY_AFTER_SECONDS = 1

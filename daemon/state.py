@@ -50,6 +50,13 @@ class StateMismatch(RestoreError):
     """The state directory was written with other guest/pool/fault settings."""
 
 
+class ClientGone(Exception):
+    """The command names a client that is not registered (any more): refused before any
+    change. An allocation whose client was unregistered, or expired, while its request
+    body was still arriving would otherwise get a buffer nobody owns, which nothing can
+    free and which fails the invariants at every restart."""
+
+
 class OpenCancelled(Exception):
     """The build or restore was asked to stop (SIGTERM while building, aging or replaying)."""
 
@@ -187,6 +194,8 @@ class Allocate(Command[Buffer | AllocationError]):
     purpose: str
 
     def apply(self, state: DaemonState) -> Buffer | AllocationError:
+        if self.owner not in state.clients:
+            raise ClientGone(f"client {self.owner} is not registered")
         try:
             return state.strategy.allocate(self.size, self.owner, self.purpose)
         except AllocationError as err:
@@ -423,7 +432,13 @@ def replay(
         if cancelled():
             raise OpenCancelled("stopped while replaying the journal")
         command = command_from_journal(op, args)
-        got = command.result(state.execute(command))
+        try:
+            got = command.result(state.execute(command))
+        except ClientGone as exc:
+            raise RestoreError(
+                f"journal record {seq} ({op} for {args.get('owner')}) names a client that is "
+                f"not registered at that point ({exc}): the state cannot be rebuilt"
+            ) from None
         if got != expected:
             raise RestoreError(
                 f"journal record {seq} ({op} {args}) replays as {got}, "

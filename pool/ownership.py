@@ -56,8 +56,11 @@ class Ledger:
     __slots__ = (
         "_added",
         "_by_id",
+        "_by_owner",
         "_failure_reasons",
+        "_in_id_order",
         "_next",
+        "_owner_bytes",
         "allocations",
         "failures",
         "frees",
@@ -67,6 +70,14 @@ class Ledger:
 
     def __init__(self, first_id: int = 1) -> None:
         self._by_id: dict[int, Buffer] = {}
+        # the same buffers by owner, so that one owner's listing, count and bytes, and
+        # dropping an owner, cost that owner's buffers, not everyone's (262,144 buffers of
+        # one client made another's listing scan them all)
+        self._by_owner: dict[str, dict[int, Buffer]] = {}
+        self._owner_bytes: dict[str, int] = {}
+        # True while _by_id's insertion order is id order (ids from next_id() only grow), so
+        # buffers() need not sort: sorting 100k live buffers per call took 8.5 ms.
+        self._in_id_order = True
         # Every id ever added, as sorted disjoint [start, end) runs: "freed" is "added and not
         # live". Ids come from a counter, so this stays a handful of runs however many buffers
         # come and go (a set of freed ids grew by ~70 bytes per free, for the ledger's life,
@@ -101,7 +112,11 @@ class Ledger:
         self._mark_added(bid)
         if bid >= self._next:  # an id not from next_id(): keep the counter ahead of it
             self._next = bid + 1
+        if self._by_id and bid < next(reversed(self._by_id)):
+            self._in_id_order = False
         self._by_id[bid] = buffer
+        self._by_owner.setdefault(buffer.owner, {})[bid] = buffer
+        self._owner_bytes[buffer.owner] = self._owner_bytes.get(buffer.owner, 0) + buffer.size
         self.allocations += 1
         self.used_pages += buffer.npages
         self.requested_bytes += buffer.size
@@ -122,6 +137,12 @@ class Ledger:
         """Forget a live buffer (after lookup_for_free), count the free (its id stays known as
         added, hence freed)."""
         buf = self._by_id.pop(buffer_id)
+        mine = self._by_owner[buf.owner]
+        del mine[buffer_id]
+        self._owner_bytes[buf.owner] -= buf.size
+        if not mine:
+            del self._by_owner[buf.owner]
+            del self._owner_bytes[buf.owner]
         self.frees += 1
         self.used_pages -= buf.npages
         self.requested_bytes -= buf.size
@@ -164,20 +185,36 @@ class Ledger:
         freed = values.pop("_freed", None)
         for key, value in values.items():
             setattr(self, key, value)
+        ids = list(self._by_id)
+        self._in_id_order = ids == sorted(ids)
+        self._by_owner, self._owner_bytes = {}, {}
+        for buf in self._by_id.values():
+            self._by_owner.setdefault(buf.owner, {})[buf.id] = buf
+            self._owner_bytes[buf.owner] = self._owner_bytes.get(buf.owner, 0) + buf.size
         if freed is not None:
             self._added = []
             for bid in sorted(set(freed) | set(self._by_id)):
                 self._mark_added(bid)
 
     def buffers(self, owner: str | None = None) -> list[Buffer]:
-        """Live buffers (of `owner`, or all), in id order."""
-        bufs = sorted(self._by_id.values(), key=lambda b: b.id)
+        """Live buffers (of `owner`, or all), in id order; O(that owner's buffers)."""
+        source = self._by_id if owner is None else self._by_owner.get(owner, {})
+        if self._in_id_order:
+            return list(source.values())
+        return sorted(source.values(), key=lambda b: b.id)
+
+    def count(self, owner: str | None = None) -> int:
+        """How many live buffers (of `owner`, or all): O(1)."""
         if owner is None:
-            return bufs
-        return [b for b in bufs if b.owner == owner]
+            return len(self._by_id)
+        return len(self._by_owner.get(owner, ()))
+
+    def owner_bytes(self, owner: str) -> int:
+        """Σ size of `owner`'s live buffers (its quota use): O(1)."""
+        return self._owner_bytes.get(owner, 0)
 
     def owners(self) -> set[str]:
-        return {b.owner for b in self._by_id.values()}
+        return set(self._by_owner)
 
     def __len__(self) -> int:
         return len(self._by_id)
@@ -235,6 +272,15 @@ class Ledger:
         runs = self._added
         assert all(a[1] < b[0] for a, b in itertools.pairwise(runs)), "id runs overlap"
         assert all(bid == b.id for bid, b in self._by_id.items()), "a buffer under a wrong id"
+        ids = list(self._by_id)
+        assert not self._in_id_order or ids == sorted(ids), "ledger claims id order wrongly"
+        by_owner: dict[str, dict[int, Buffer]] = {}
+        for b in bufs:
+            by_owner.setdefault(b.owner, {})[b.id] = b
+        assert self._by_owner == by_owner, "the owner index != the live buffers"
+        assert self._owner_bytes == {
+            o: sum(b.size for b in mine.values()) for o, mine in by_owner.items()
+        }, "bytes per owner drifted"
         assert self.allocations - self.frees == len(bufs), "allocations - frees != live buffers"
         assert self.failures == sum(self._failure_reasons.values()), "failure counts drifted"
         if disjoint and bufs:

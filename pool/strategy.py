@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Mapping
-from typing import Any, ClassVar, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
 import attrs
 import numpy as np
@@ -87,6 +87,10 @@ class Buffer:
             "gpadl_messages": self.gpadl_messages,
             "pfn_ranges": [[r.start, r.npages] for r in self.ranges],
         }
+
+
+if TYPE_CHECKING:
+    from pool.ownership import Ledger
 
 
 class StrategyError(Exception):
@@ -162,6 +166,9 @@ class Strategy(Protocol):
 
     name: str
     guest: Guest
+    # the bookkeeping of live buffers by id and by owner (pool.ownership): counts and bytes
+    # per owner are the daemon's quotas' inputs
+    ledger: Ledger
 
     def boot(self) -> None: ...
 

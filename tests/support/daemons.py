@@ -36,6 +36,9 @@ SMALL: dict[str, Any] = {
     "pool.grow_step": "4MiB",
     "daemon.synchronous": "normal",
     "daemon.admin_token": ADMIN_TOKEN,
+    # one client may use the whole small pool (the pool-exhaustion tests); quotas are
+    # tested on their own
+    "daemon.client_max_bytes": "1GiB",
 }
 
 
