@@ -17,6 +17,7 @@ import logging
 import os
 import signal
 import socket
+import sqlite3
 import stat
 import sys
 from collections.abc import Callable, Sequence
@@ -26,7 +27,7 @@ from typing import Any
 from aiohttp import web
 
 from daemon import keys, logs, systemd
-from daemon.app import EXIT_CONFIG, create_app, create_metrics_app
+from daemon.app import EXIT_CONFIG, EXIT_STORAGE, create_app, create_metrics_app
 from daemon.config import (
     FIELDS,
     Config,
@@ -403,6 +404,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             except StateMismatch as exc:
                 print(f"sharedpoold: {exc}", file=sys.stderr)
                 return EXIT_CONFIG
+            except (sqlite3.Error, OSError) as exc:
+                print(f"sharedpoold: storage error in {config.state_dir}: {exc}", file=sys.stderr)
+                return EXIT_STORAGE
             except Exception as exc:
                 print(
                     f"sharedpoold: cannot read the state in {config.state_dir}: {exc}",

@@ -13,9 +13,10 @@ the same chain hash (daemon.journal: every record's hash covers the previous one
 hash stands for the whole history up to it). A journal that is longer is fine: those
 records were committed but never acknowledged (a crash between the two writes).
 
-Layout: two 64-byte slots, written alternately, each ``magic | seq | chain | crc32``; a
-torn write damages one slot, and the other still holds the previous position (which the
-journal also reaches). The newest valid slot wins.
+Layout: two 64-byte slots, written alternately, each ``magic | generation | seq | chain |
+crc32``; a torn write damages one slot, and the other still holds the previous position
+(which the journal also reaches). The valid slot of the highest generation wins (not the
+highest seq: a rollback the operator accepted writes a lower one).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ __all__ = ["POSITION_NAME", "Position", "PositionFile"]
 
 POSITION_NAME = "sharedpoold.position"
 _MAGIC = b"SPP1"
-_SLOT = struct.Struct("<4sQ32s")  # magic, seq, chain (32 bytes of sha256)
+_SLOT = struct.Struct("<4sQQ32s")  # magic, generation, seq, chain (32 bytes of sha256)
 _SLOT_SIZE = 64
 
 
@@ -50,12 +51,13 @@ class PositionFile:
         self.path = path
         self.sync = sync
         self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
-        self._next_slot = 0
-        current = self.read()
-        if current is not None:
-            self._next_slot = 1 - self._slot_of(current)
+        slots = self._slots()
+        newest = max(slots, key=lambda s: s[1]) if slots else None
+        self._generation = newest[1] if newest else 0
+        self._next_slot = 1 - newest[0] if newest else 0
 
-    def _slots(self) -> list[tuple[int, Position]]:
+    def _slots(self) -> list[tuple[int, int, Position]]:
+        """(slot, generation, position) of each valid slot."""
         data = os.pread(self._fd, 2 * _SLOT_SIZE, 0)
         out = []
         for i in range(2):
@@ -63,24 +65,19 @@ class PositionFile:
             if len(raw) < _SLOT.size + 4:
                 continue
             body, crc = raw[: _SLOT.size], struct.unpack("<I", raw[_SLOT.size : _SLOT.size + 4])[0]
-            magic, seq, chain = _SLOT.unpack(body)
+            magic, generation, seq, chain = _SLOT.unpack(body)
             if magic == _MAGIC and zlib.crc32(body) == crc:
-                out.append((i, Position(seq, chain.hex())))
+                out.append((i, generation, Position(seq, chain.hex())))
         return out
-
-    def _slot_of(self, pos: Position) -> int:
-        for i, p in self._slots():
-            if p == pos:
-                return i
-        return 1
 
     def read(self) -> Position | None:
         """The newest valid position, or None when none was ever written."""
         slots = self._slots()
-        return max((p for _, p in slots), key=lambda p: p.seq) if slots else None
+        return max(slots, key=lambda s: s[1])[2] if slots else None
 
     def write(self, pos: Position) -> None:
-        body = _SLOT.pack(_MAGIC, pos.seq, bytes.fromhex(pos.chain))
+        self._generation += 1
+        body = _SLOT.pack(_MAGIC, self._generation, pos.seq, bytes.fromhex(pos.chain))
         raw = body + struct.pack("<I", zlib.crc32(body))
         os.pwrite(self._fd, raw.ljust(_SLOT_SIZE, b"\0"), self._next_slot * _SLOT_SIZE)
         if self.sync:
