@@ -561,6 +561,33 @@ def build() -> dash_m.Dashboard:
         width=8,
     )
 
+    b.row("Limits and storage")
+    b.timeseries(
+        "Quota refusals",
+        "Requests refused by a quota, by the limit (max_clients, client_buffers, "
+        "client_bytes): nothing changed; a client keeps hitting its own quota.",
+        "reqps",
+        [
+            (
+                f"sum by (reason) (rate(sharedpool_quota_refusals_total{{{SEL}}}"
+                "[$__rate_interval]))",
+                "{{reason}}",
+            )
+        ],
+        width=12,
+    )
+    b.timeseries(
+        "Journal storage",
+        "1 while the disk is full (changes refused with 503 storage-full, alert "
+        "SharedpoolStorageFull), and how often it happened.",
+        "short",
+        [
+            (f"max(sharedpool_storage_full{{{SEL}}})", "disk full"),
+            (f"sum(increase(sharedpool_storage_full_events_total{{{SEL}}}[$__range]))", "events"),
+        ],
+        width=12,
+    )
+
     b.row("Daemon process")
     b.timeseries(
         "Memory and CPU",

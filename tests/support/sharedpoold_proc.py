@@ -60,6 +60,8 @@ grow_step = "4MiB"
 shrink_hysteresis = 3600.0
 
 [daemon]
+# the simulator is one client using the whole small pool
+client_max_bytes = "64MiB"
 synchronous = "normal"
 lease_ttl = 600.0
 """
