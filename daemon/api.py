@@ -18,11 +18,13 @@ import unicodedata
 from collections.abc import Callable
 from typing import Any
 
+import attrs
 from aiohttp import web
 
 from daemon import keys
 from daemon.engine import Client, NotReady, Service, Unsupported
 from daemon.problems import Problem
+from daemon.views import PoolView
 from pool.strategy import AllocationError, DoubleFree, NotOwner, StrategyError, UnknownBuffer
 
 routes = web.RouteTableDef()
@@ -31,6 +33,7 @@ MAX_DEPTH = 8
 MAX_TOKEN = 256
 MAX_NAME = 64
 MAX_PURPOSE = 128
+MAX_SIZE_FIELD = (1 << 63) - 1  # a size the journal and clients can hold as a 64-bit integer
 _BUFFER_ID = r"{id:[0-9]{1,18}}"
 _CLIENT_ID = r"{client_id:[A-Za-z0-9_-]{1,64}}"
 
@@ -287,8 +290,16 @@ async def register(request: web.Request) -> web.Response:
     body = await read_body(request, optional=True)
     _fields(body, {"name"}, set())
     name = text_field(body, "name", MAX_NAME) if "name" in body else ""
-    result = await service_of(request).register(name)
-    return _json(result, 201)
+    reg = await service_of(request).register(name)
+    return _json(
+        {
+            "client_id": reg.client_id,
+            "token": reg.token,
+            "name": reg.name,
+            "lease_ttl_seconds": reg.lease_ttl_seconds,
+        },
+        201,
+    )
 
 
 def _own_client(request: web.Request) -> Client:
@@ -301,13 +312,17 @@ def _own_client(request: web.Request) -> Client:
 @routes.post(f"/v1/clients/{_CLIENT_ID}/heartbeat")
 async def heartbeat(request: web.Request) -> web.Response:
     client = _own_client(request)
-    return _json(service_of(request).heartbeat(client))
+    ttl = service_of(request).heartbeat(client)
+    return _json({"client_id": client.id, "lease_ttl_seconds": ttl})
 
 
 @routes.delete(f"/v1/clients/{_CLIENT_ID}")
 async def unregister(request: web.Request) -> web.Response:
     client = _own_client(request)
-    return _json(await service_of(request).unregister(client))
+    dropped = await service_of(request).unregister(client)
+    return _json(
+        {"client_id": client.id, "freed": list(dropped.freed), "leaked": list(dropped.leaked)}
+    )
 
 
 @routes.post("/v1/buffers")
@@ -315,10 +330,12 @@ async def allocate(request: web.Request) -> web.Response:
     client = require_client(request)
     body = await read_body(request)
     _fields(body, {"size", "purpose"}, {"size"})
-    size = int_field(body, "size", 1, request.app[keys.CONFIG]["pool.max_buffer"])
+    # Only the shape is checked here: how large a buffer may be is the strategy's rule, and
+    # its refusal (reason too_large) is the answer, the same as in process.
+    size = int_field(body, "size", 1, MAX_SIZE_FIELD)
     purpose = text_field(body, "purpose", MAX_PURPOSE) if "purpose" in body else ""
-    result = await service_of(request).allocate(client, size, purpose)
-    return _json(result, 201)
+    buf = await service_of(request).allocate(client, size, purpose)
+    return _json(buf.as_json(), 201)
 
 
 @routes.get("/v1/buffers")
@@ -340,12 +357,38 @@ async def get_buffer(request: web.Request) -> web.Response:
 @routes.delete(f"/v1/buffers/{_BUFFER_ID}")
 async def free_buffer(request: web.Request) -> web.Response:
     client = require_client(request)
-    return _json(await service_of(request).free(client, _buffer_id(request)))
+    result = await service_of(request).free(client, _buffer_id(request))
+    return _json({**result.buffer.as_json(), "leaked": result.leaked})
 
 
 @routes.get("/v1/pool")
 async def pool_stats(request: web.Request) -> web.Response:
-    return _json(service_of(request).pool_json())
+    return _json(pool_json(service_of(request).pool_view()))
+
+
+def pool_json(view: PoolView) -> dict[str, Any]:
+    report = view.guest
+    return {
+        "strategy": view.strategy.as_json(),
+        "guest": {
+            "platform": view.platform,
+            "memory_bytes": view.memory_bytes,
+            "free_pages": report.free_pages,
+            "direct_map_bytes": dict(report.direct_map_bytes),
+            "hazard_pages": report.hazards.as_json(),
+            "counts": attrs.asdict(report.counts),
+            "zones": [
+                {
+                    "name": z.name,
+                    "nr_free": list(z.nr_free),
+                    "fragmentation_index": list(z.fragmentation_index),
+                    "unusable_free_index": list(z.unusable_free_index),
+                }
+                for z in report.zones
+            ],
+        },
+        "daemon": attrs.asdict(view.daemon),
+    }
 
 
 @routes.post("/v1/pool/grow")
@@ -354,7 +397,7 @@ async def pool_grow(request: web.Request) -> web.Response:
     body = await read_body(request)
     _fields(body, {"bytes"}, {"bytes"})
     nbytes = int_field(body, "bytes", 1, request.app[keys.CONFIG]["pool.max"])
-    return _json(await service_of(request).grow(nbytes))
+    return _json({"grown_bytes": await service_of(request).grow(nbytes)})
 
 
 @routes.post("/v1/pool/shrink")
@@ -365,7 +408,7 @@ async def pool_shrink(request: web.Request) -> web.Response:
     force = body.get("force", False)
     if not isinstance(force, bool):
         raise Problem("invalid-field", "force must be true or false", field="force")
-    return _json(await service_of(request).shrink(force))
+    return _json({"released_bytes": await service_of(request).shrink(force)})
 
 
 @routes.get("/v1/debug/invariants")
@@ -375,7 +418,8 @@ async def invariants(request: web.Request) -> web.Response:
     if not service.ready:
         raise NotReady(service.state)
     try:
-        return _json(service.check_invariants())
+        report = service.check_invariants()
+        return _json({"ok": True, **attrs.asdict(report)})
     except AssertionError as exc:
         return _json({"ok": False, "error": str(exc)})
 

@@ -41,6 +41,7 @@ from daemon.config import (
 from daemon.connections import GuardedSite, rate_limited_exception_handler
 from daemon.engine import StateMismatch
 from daemon.journal import Journal
+from daemon.state import check_state_config
 from daemon.statedir import StateDirError, lock_state_dir
 from pool import __version__
 
@@ -155,15 +156,7 @@ def check_state(config: Config) -> None:
         stored = journal.get_meta("state_config")
     finally:
         journal.close()
-    if stored is not None and stored != config.state_config():
-        from daemon.engine import _differences
-
-        diffs = "; ".join(_differences(stored, config.state_config()))
-        raise StateMismatch(
-            f"the state in {config.state_dir} was made with other guest/pool/"
-            f"fault settings ({diffs}); use the same settings, another "
-            "--state-dir, or --reset-state to discard it"
-        )
+    check_state_config(config.state_dir, stored, config)
 
 
 def _unix_listener(path: str, mode: int) -> socket.socket:

@@ -150,7 +150,6 @@ class PoolCollector(Collector):
         )
         for kind, value in report.hazards.as_json().items():
             hz.add_metric([kind], value)
-        hz.add_metric(["unknown_state"], report.hazards.unknown_state_pages)
         yield hz
         yield gauge("leaked_bytes", "Bytes leaked after failed conversions", st.leaked_bytes)
         yield gauge("clients", "Registered clients", len(svc.clients))

@@ -1,7 +1,8 @@
 """sharedpool: a pre-decrypted shared-buffer pool for confidential VMs, and the strategies
 it is compared with, over the guest model in pool.guest."""
 
-from pool.registry import DESCRIPTIONS, STRATEGIES, make_strategy
+from pool.provision import Guests, Provisioned, provision
+from pool.registry import DESCRIPTIONS, SPECS, STRATEGIES, PoolSettings, make_strategy, spec_for
 from pool.strategy import (
     AllocationError,
     Buffer,
@@ -9,6 +10,7 @@ from pool.strategy import (
     FreeResult,
     NotOwner,
     PfnRange,
+    Resizable,
     Strategy,
     StrategyError,
     StrategyStats,
@@ -20,13 +22,18 @@ __version__ = "0.1.0"
 
 __all__ = [
     "DESCRIPTIONS",
+    "SPECS",
     "STRATEGIES",
     "AllocationError",
     "Buffer",
     "DoubleFree",
     "FreeResult",
+    "Guests",
     "NotOwner",
     "PfnRange",
+    "PoolSettings",
+    "Provisioned",
+    "Resizable",
     "Strategy",
     "StrategyError",
     "StrategyStats",
@@ -34,4 +41,6 @@ __all__ = [
     "__version__",
     "gpadl_messages",
     "make_strategy",
+    "provision",
+    "spec_for",
 ]

@@ -44,6 +44,7 @@ from pool.strategy import (
     PfnRange,
     StrategyStats,
     round_pages,
+    size_limit,
 )
 
 MAX_CHUNK_PAGES = 1 << MAX_PAGE_ORDER  # 1024 pages: 4 MiB
@@ -108,8 +109,13 @@ class AtomicPool:
 
     name = "atomic-pool"
 
-    def __init__(self, guest: Guest) -> None:
+    # (a class default too: strategies pickled in daemon snapshots before the option existed)
+    max_buffer_bytes: int | None = None
+
+    def __init__(self, guest: Guest, max_buffer_bytes: int | None = None) -> None:
+        """`max_buffer_bytes`: a configured largest buffer, if below the 4 MiB chunk limit."""
         self.guest = guest
+        self.max_buffer_bytes = max_buffer_bytes
         self.ledger = Ledger()
         self.atomic_pool_size = atomic_pool_size_for(guest.allocator.ram_pages)
         self.chunks: list[_Chunk] = []  # in the order added; searched newest first
@@ -173,9 +179,12 @@ class AtomicPool:
         led = self.ledger
         size = led.checked_size(
             size,
-            MAX_CHUNK_BYTES,
-            f"the atomic pool's largest possible chunk of {MAX_CHUNK_BYTES} bytes (4 MiB, one "
-            f"order-{MAX_PAGE_ORDER} block): a gen_pool allocation never spans chunks",
+            *size_limit(
+                MAX_CHUNK_BYTES,
+                f"the atomic pool's largest possible chunk of {MAX_CHUNK_BYTES} bytes (4 MiB, "
+                f"one order-{MAX_PAGE_ORDER} block): a gen_pool allocation never spans chunks",
+                self.max_buffer_bytes,
+            ),
         )
         if not self.initialized:
             self.setup()

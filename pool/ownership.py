@@ -33,6 +33,7 @@ import numpy.typing as npt
 from pool.guest import PAGE_SHARED, SHARED, Guest
 from pool.guest.units import PAGE_SHIFT
 from pool.strategy import (
+    MAX_SIZE,
     AllocationError,
     Buffer,
     DoubleFree,
@@ -192,7 +193,7 @@ class Ledger:
         self.failures += 1
         self._failure_reasons[reason] = self._failure_reasons.get(reason, 0) + 1
 
-    def checked_size(self, size: object, limit: int = 1 << 40, why: str = "") -> int:
+    def checked_size(self, size: object, limit: int = MAX_SIZE, why: str = "") -> int:
         """`size` validated by pool.strategy.check_size against `limit` (the most the strategy
         can ever serve in one piece; `why` explains it in the too_large message); a refusal is
         counted, then raised."""

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Mapping
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import attrs
 import numpy as np
@@ -179,10 +179,39 @@ class Strategy(Protocol):
 
     def stats(self) -> StrategyStats: ...
 
-    def check_invariants(self) -> None: ...
+    def check_invariants(self) -> None:
+        """Raise AssertionError unless the strategy is consistent with itself and with its
+        guest. This is where a strategy's own rules are checked (whether two buffers may share
+        a page, its size limits, ...): callers above the pool (the daemon) add only what they
+        alone know (owners, leases), never a second copy of these rules."""
+        ...
 
 
-def check_size(size: object, limit: int = 1 << 40) -> int:
+@runtime_checkable
+class Resizable(Protocol):
+    """A strategy whose shared memory an operator may grow and shrink on demand (the
+    SharedPool). `grow` returns the bytes added (0 if none could be taken), `shrink` the
+    bytes given back to the page allocator; `now` is the strategy's clock (None: its last
+    one), `force` ignores watermarks and hysteresis. Both are deterministic given the
+    guest's state, as every strategy call is."""
+
+    def grow(self, nbytes: int) -> int: ...
+
+    def shrink(self, now: float | None = None, force: bool = False) -> int: ...
+
+
+MAX_SIZE = 1 << 40  # no strategy serves more than 1 TiB in one buffer
+
+
+def size_limit(own: int, why: str, configured: int | None) -> tuple[int, str]:
+    """The limit a strategy enforces, and the reason its too_large message gives: its own
+    (`own`, explained by `why`), or the configured largest buffer if that is lower."""
+    if configured is not None and configured < own:
+        return configured, f"the configured largest buffer of {configured} bytes"
+    return own, why
+
+
+def check_size(size: object, limit: int = MAX_SIZE) -> int:
     """Validate a requested size: a positive integer (bool refused), at most `limit`."""
     if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
         raise AllocationError("invalid_size", f"size must be a positive integer of bytes: {size!r}")

@@ -47,6 +47,7 @@ from pool.strategy import (
     FreeResult,
     PfnRange,
     StrategyStats,
+    size_limit,
 )
 
 IO_TLB_SHIFT = 11
@@ -79,8 +80,17 @@ class Swiotlb:
 
     name = "swiotlb"
 
-    def __init__(self, guest: Guest, size_bytes: int | None = None) -> None:
+    # (a class default too: strategies pickled in daemon snapshots before the option existed)
+    max_buffer_bytes: int | None = None
+
+    def __init__(
+        self, guest: Guest, size_bytes: int | None = None, max_buffer_bytes: int | None = None
+    ) -> None:
+        """`size_bytes`: the bounce buffer (None: the kernel's default for this guest);
+        `max_buffer_bytes`: a configured largest buffer, if below the 256 KiB maximum mapping
+        size."""
         self.guest = guest
+        self.max_buffer_bytes = max_buffer_bytes
         if size_bytes is not None and (isinstance(size_bytes, bool) or size_bytes <= 0):
             raise ValueError(f"swiotlb size must be a positive number of bytes: {size_bytes!r}")
         self.requested_size = size_bytes
@@ -170,10 +180,13 @@ class Swiotlb:
         led = self.ledger
         size = led.checked_size(
             size,
-            MAX_MAPPING_SIZE,
-            f"swiotlb's maximum mapping size of {MAX_MAPPING_SIZE} bytes (256 KiB: "
-            f"{IO_TLB_SEGSIZE} slots of {IO_TLB_SIZE} bytes, one segment); swiotlb cannot "
-            "serve this buffer in one piece",
+            *size_limit(
+                MAX_MAPPING_SIZE,
+                f"swiotlb's maximum mapping size of {MAX_MAPPING_SIZE} bytes (256 KiB: "
+                f"{IO_TLB_SEGSIZE} slots of {IO_TLB_SIZE} bytes, one segment); swiotlb cannot "
+                "serve this buffer in one piece",
+                self.max_buffer_bytes,
+            ),
         )
         if not self.booted:
             self.boot()

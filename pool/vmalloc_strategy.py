@@ -30,11 +30,13 @@ from pool.guest import PRIVATE, SHARED, Guest, VmArea, runs_of
 from pool.guest.units import PAGE_SIZE
 from pool.ownership import Ledger, assert_never_returned, assert_pages_shared
 from pool.strategy import (
+    MAX_SIZE,
     Buffer,
     FreeResult,
     PfnRange,
     StrategyStats,
     round_pages,
+    size_limit,
 )
 
 
@@ -49,9 +51,21 @@ class VmallocStrategy:
         "stray access through the direct map"
     )
 
-    def __init__(self, guest: Guest, alias: bool, name: str | None = None) -> None:
+    # (a class default too: strategies pickled in daemon snapshots before the option existed)
+    max_buffer_bytes: int | None = None
+
+    def __init__(
+        self,
+        guest: Guest,
+        alias: bool,
+        name: str | None = None,
+        max_buffer_bytes: int | None = None,
+    ) -> None:
+        """`max_buffer_bytes`: the largest buffer served (None: vmalloc's own limit, which is
+        only the memory there is; pool.strategy.MAX_SIZE)."""
         self.guest = guest
         self.alias = alias
+        self.max_buffer_bytes = max_buffer_bytes
         self.name = name or ("vmalloc-directmap" if alias else "vmalloc-alias")
         self.accepted_hazards: tuple[str, ...] = () if alias else self.OPTION1_ACCEPTED_HAZARDS
         self.ledger = Ledger()
@@ -73,7 +87,7 @@ class VmallocStrategy:
     # -- requests ---------------------------------------------------------------------------
     def allocate(self, size: int, owner: str, purpose: str = "") -> Buffer:
         led = self.ledger
-        size = led.checked_size(size)
+        size = led.checked_size(size, *size_limit(MAX_SIZE, "", self.max_buffer_bytes))
         npages = round_pages(size)
         g = self.guest
         taken: list[int] = []

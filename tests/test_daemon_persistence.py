@@ -43,14 +43,14 @@ async def _workload(service: Service) -> None:
     """Allocations, frees, growth, maintenance at chosen times (hysteresis), expiry."""
     a = await service.register("a")
     b = await service.register("b")
-    ca, cb = service.clients[a["client_id"]], service.clients[b["client_id"]]
+    ca, cb = service.clients[a.client_id], service.clients[b.client_id]
     bufs = [await service.allocate(ca, size, "x") for size in (4096, 4 << 20, 6144, 2 << 20)]
     bufs += [await service.allocate(cb, size, "y") for size in (1 << 20, 3 << 20, 8192)]
-    await service.free(ca, bufs[1]["id"])
+    await service.free(ca, bufs[1].id)
     service.clock.observe(100.0)  # time passes: background passes at chosen instants
     for _ in range(5):
         await service.maintain()
-    await service.free(cb, bufs[5]["id"])
+    await service.free(cb, bufs[5].id)
     service.clock.observe(200.0)
     await service.maintain()
     await service.grow(8 << 20)
@@ -92,7 +92,7 @@ async def test_snapshot_plus_journal_tail(tmp_path: Path) -> None:
     config = small_config(tmp_path / "state")
     service = await _open(config)
     a = await service.register("a")
-    ca = service.clients[a["client_id"]]
+    ca = service.clients[a.client_id]
     for size in (4096, 1 << 20):
         await service.allocate(ca, size, "")
     seq = await service.snapshot()
@@ -106,7 +106,7 @@ async def test_snapshot_plus_journal_tail(tmp_path: Path) -> None:
     assert again.restore_info["source"] == f"snapshot at record {seq}"
     assert again.restore_info["replayed_records"] == 2
     assert _fingerprint(again) == want
-    assert again.strategy is not None and again.strategy.get(buf["id"]).as_json() == buf
+    assert again.strategy is not None and again.strategy.get(buf.id) == buf
     db.close()
     await again.close()
     service.journal = None  # (the crashed instance's connection is abandoned)
@@ -116,7 +116,7 @@ async def test_journal_that_does_not_replay_is_refused(tmp_path: Path) -> None:
     config = small_config(tmp_path / "state")
     service = await _open(config)
     a = await service.register("a")
-    await service.allocate(service.clients[a["client_id"]], 1 << 20, "")
+    await service.allocate(service.clients[a.client_id], 1 << 20, "")
     await service.close(snapshot=False)
     db = sqlite3.connect(config.state_dir / "sharedpoold.db")
     seq, result = db.execute("SELECT seq, result FROM journal WHERE op = 'allocate'").fetchone()
@@ -136,11 +136,10 @@ async def test_fault_injection_replays_and_leaks(tmp_path: Path) -> None:
     )
     service = await _open(config)
     a = await service.register("a")
-    ca = service.clients[a["client_id"]]
+    ca = service.clients[a.client_id]
     await service.allocate(ca, 1 << 20, "")
     await service.grow(8 << 20)
-    out = await service.shrink(force=True)
-    assert out["released_bytes"] == 0
+    assert await service.shrink(force=True) == 0
     stats = service.strategy.stats() if service.strategy else None
     assert stats is not None and stats.leaked_bytes > 0 and stats.chunks["leaked"] > 0
     service.check_invariants()
@@ -160,7 +159,7 @@ async def test_fault_injection_replays_and_leaks(tmp_path: Path) -> None:
     service = await _open(config)
     a = await service.register("a")
     with pytest.raises(AllocationError) as err:
-        await service.allocate(service.clients[a["client_id"]], 64 << 10, "")
+        await service.allocate(service.clients[a.client_id], 64 << 10, "")
     assert err.value.reason == "conversion_failed"
     assert service.strategy is not None and service.strategy.stats().leaked_bytes == 64 << 10
     service.check_invariants()
@@ -172,12 +171,12 @@ async def test_replay_on_an_aged_guest(tmp_path: Path) -> None:
     config = small_config(tmp_path / "state", guest__age_steps=20_000)
     service = await _open(config)
     a = await service.register("a")
-    ca = service.clients[a["client_id"]]
+    ca = service.clients[a.client_id]
     outcomes = []
     for i, size in enumerate((4096, 1 << 20, 5 << 20, 6144, 9 << 20, 2 << 20, 12 << 20)):
         try:
             buf = await service.allocate(ca, size, f"b{i}")
-            outcomes.append(buf["id"])
+            outcomes.append(buf.id)
         except AllocationError as err:
             outcomes.append(err.reason)
         if i % 3 == 2 and isinstance(outcomes[0], int):

@@ -21,7 +21,8 @@ from pool.guest.platform import PAGE_PRIVATE, PAGE_SHARED, PAGE_UNKNOWN
 if TYPE_CHECKING:
     from pool.guest.machine import Guest
 
-KINDS = ("private_alias_to_shared", "shared_alias_to_private")
+KINDS = ("private_alias_to_shared", "shared_alias_to_private")  # mapping hazards (hazard_pfns)
+REPORT_KINDS = (*KINDS, "unknown_state")  # every kind a report counts, by its JSON / label name
 
 
 @attrs.frozen
@@ -31,9 +32,11 @@ class HazardReport:
     unknown_state_pages: int = 0
 
     def as_json(self) -> dict[str, int]:
+        """Pages by kind, every kind of REPORT_KINDS (the metric's `kind` label values)."""
         return {
             "private_alias_to_shared": self.private_alias_to_shared,
             "shared_alias_to_private": self.shared_alias_to_private,
+            "unknown_state": self.unknown_state_pages,
         }
 
 
