@@ -85,7 +85,7 @@ def bench_baseline(cycles: int, age_steps: int) -> float:
 def bench_compare(cycles: int, jobs: int) -> None:
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    doc = run_compare(CompareConfig(cycles=cycles), timings=timings, jobs=jobs)
+    doc = run_compare(CompareConfig.of(cycles=cycles), timings=timings, jobs=jobs)
     total = time.perf_counter() - t0
     names = list(doc["strategies"])
     model = timings["aging"] + sum(timings[f"{n}/model"] for n in names)

@@ -22,7 +22,9 @@ from typing import Any
 
 import attrs
 
+from pool.guest import options as guest_options
 from pool.guest.units import MiB, format_size, parse_size
+from pool.registry import DEFAULT_STRATEGY, STRATEGIES
 
 __all__ = [
     "FIELDS",
@@ -155,8 +157,6 @@ class Field:
         return f"{self.section}.{self.name}"
 
 
-_STRATEGIES = ("pool", "pool-boot", "vmalloc-alias", "vmalloc-directmap", "swiotlb", "atomic-pool")
-
 FIELDS: tuple[Field, ...] = (
     # guest: the simulated machine (stored in the state directory)
     Field(
@@ -171,7 +171,7 @@ FIELDS: tuple[Field, ...] = (
     Field(
         "guest",
         "platform",
-        _choice("tdx", "snp", "none"),
+        _choice(*guest_options.PLATFORMS),
         "tdx",
         "CoCo platform",
         "platform",
@@ -201,8 +201,8 @@ FIELDS: tuple[Field, ...] = (
     Field(
         "pool",
         "strategy",
-        _choice(*_STRATEGIES),
-        "pool",
+        _choice(*STRATEGIES),
+        DEFAULT_STRATEGY,
         "strategy served (pool = option 3, the SharedPool)",
         "strategy",
         "NAME",
@@ -628,12 +628,11 @@ def _validate(config: Config) -> Config:
         if v[key] < 0:
             raise ConfigError(key, "must be >= 0")
     mem = v["guest.memory"]
-    if mem < 16 * MiB or mem % (4 * MiB):
-        raise ConfigError(
-            "guest.memory", f"must be a multiple of 4MiB and at least 16MiB: {format_size(mem)}"
-        )
-    if mem > 1 << 40:
-        raise ConfigError("guest.memory", "at most 1TiB")
+    try:  # the same rules and messages as every command line's --guest-memory
+        guest_options.guest_memory(mem)
+        guest_options.check_aging(mem, v["guest.age_steps"])
+    except ValueError as exc:
+        raise ConfigError("guest.memory", str(exc)) from None
     if v["guest.cost_profile"] and not Path(v["guest.cost_profile"]).is_file():
         raise ConfigError("guest.cost_profile", f"no such file: {v['guest.cost_profile']}")
     if v["pool.max"] > mem:

@@ -21,16 +21,16 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from hv_netvsc_sim.client import InProcessClient, PoolError, RemoteClient
+from hv_netvsc_sim.client import PoolError, RemoteClient
 from hv_netvsc_sim.compare import (
+    COMPARE_CYCLES,
     DEFAULT_AGE_STEPS,
     CompareConfig,
-    GuestFactory,
-    boot_on,
     default_jobs,
     run_compare,
 )
 from hv_netvsc_sim.host import HyperVHost
+from hv_netvsc_sim.inprocess import run_in_process
 from hv_netvsc_sim.report import (
     ProgressReporter,
     compare_table,
@@ -41,9 +41,11 @@ from hv_netvsc_sim.report import (
 from hv_netvsc_sim.scenario import Scenario, ScenarioConfig
 from pool import __version__
 from pool.guest import GuestConfig
-from pool.guest.cli import size_arg
-from pool.guest.units import GiB
-from pool.registry import STRATEGIES
+from pool.guest.options import add_guest_arguments, check_guest_args
+from pool.provision import Guests
+from pool.registry import DEFAULT_STRATEGY, STRATEGIES
+
+SCENARIO_DEFAULTS = ScenarioConfig()  # the scenario's defaults, written once (scenario.py)
 
 
 def _int_at_least(minimum: int, what: str) -> Any:
@@ -80,28 +82,11 @@ def _daemon_url(text: str) -> str:
 
 
 def _add_guest_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--guest-memory",
-        type=size_arg,
-        default=16 * GiB,
-        metavar="SIZE",
-        help="guest RAM (default 16GiB; a 3-4 GiB PCI hole is modeled)",
-    )
-    p.add_argument("--platform", choices=("tdx", "snp", "none"), default="tdx")
-    p.add_argument(
-        "--seed",
-        type=_int_at_least(0, "--seed"),
-        default=1,
-        metavar="S",
-        help="seed of the guest and the events (default 1)",
-    )
-    p.add_argument(
-        "--age-steps",
-        type=_int_at_least(0, "--age-steps"),
-        default=DEFAULT_AGE_STEPS,
-        metavar="N",
-        help=f"background churn steps aging the guest (default {DEFAULT_AGE_STEPS:,}; "
-        "0 = pristine)",
+    add_guest_arguments(
+        p,
+        memory="16GiB",
+        age_steps=DEFAULT_AGE_STEPS,
+        seed_help="seed of the guest and the events (default 1)",
     )
 
 
@@ -114,29 +99,36 @@ def _add_scenario_options(p: argparse.ArgumentParser, cycles: int, cycles_min: i
         help=f"cycles: a hot remove + add of one vNIC plus the mixed events (default {cycles}"
         + ("; 0 = until SIGTERM/SIGINT)" if cycles_min == 0 else ")"),
     )
+    d = SCENARIO_DEFAULTS
     p.add_argument(
-        "--nics", type=_int_at_least(1, "--nics"), default=2, metavar="N", help="vNICs (default 2)"
+        "--nics",
+        type=_int_at_least(1, "--nics"),
+        default=d.nics,
+        metavar="N",
+        help=f"vNICs (default {d.nics})",
     )
     p.add_argument(
         "--mixed-events",
         type=_int_at_least(0, "--mixed-events"),
-        default=3,
+        default=d.mixed_events,
         metavar="N",
-        help="ring resize / MTU / channel / VF failover / traffic events per cycle (default 3)",
+        help="ring resize / MTU / channel / VF failover / traffic events per cycle "
+        f"(default {d.mixed_events})",
     )
     p.add_argument(
         "--churn-steps",
         type=_int_at_least(0, "--churn-steps"),
-        default=250,
+        default=d.churn_steps,
         metavar="N",
-        help="guest background churn steps before each event, in-process (default 250)",
+        help=f"guest background churn steps before each event, in-process "
+        f"(default {d.churn_steps})",
     )
     p.add_argument(
         "--traffic-packets",
         type=_int_at_least(0, "--traffic-packets"),
-        default=64,
+        default=d.traffic_packets,
         metavar="N",
-        help="packets each way per traffic event (default 64)",
+        help=f"packets each way per traffic event (default {d.traffic_packets})",
     )
 
 
@@ -156,9 +148,12 @@ def build_parser() -> argparse.ArgumentParser:
         "seeded vNIC life cycles; a progress bar on a terminal, a summary at the end.",
     )
     run.add_argument(
-        "--strategy", choices=STRATEGIES, default="pool", help="strategy, in-process (default pool)"
+        "--strategy",
+        choices=STRATEGIES,
+        default=DEFAULT_STRATEGY,
+        help=f"strategy, in-process (default {DEFAULT_STRATEGY})",
     )
-    _add_scenario_options(run, cycles=100, cycles_min=0)
+    _add_scenario_options(run, cycles=SCENARIO_DEFAULTS.cycles, cycles_min=0)
     _add_guest_options(run)
     run.add_argument("--json", action="store_true", help="print the summary as JSON")
     run.add_argument(
@@ -182,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="real seconds to sleep after each event (default 0: as fast as possible)",
     )
-    run.set_defaults(func=_run)
+    run.set_defaults(func=_run, parser=run)
 
     cmp = sub.add_parser(
         "compare",
@@ -191,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
         "event sequence; print a table, or the JSON of DESIGN.md section 4.",
     )
     _add_guest_options(cmp)
-    _add_scenario_options(cmp, cycles=200, cycles_min=1)
+    _add_scenario_options(cmp, cycles=COMPARE_CYCLES, cycles_min=1)
     cmp.add_argument(
         "--strategies",
         type=lambda t: tuple(s for s in t.split(",") if s),
@@ -210,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="strategies run in N worker processes (default 0: one per CPU); the output is "
         "the same for any N, wall-clock latencies aside",
     )
-    cmp.set_defaults(func=_compare)
+    cmp.set_defaults(func=_compare, parser=cmp)
     return parser
 
 
@@ -224,20 +219,11 @@ def _compare(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             f"--strategies: unknown {unknown or 'empty list'}; "
             f"expected some of {','.join(STRATEGIES)}"
         )
+    check_guest_args(parser, args)
     try:
         config = CompareConfig(
-            guest_memory_bytes=args.guest_memory,
-            cycles=args.cycles,
-            seed=args.seed,
-            platform=args.platform,
-            age_steps=args.age_steps,
-            strategies=args.strategies,
-            nics=args.nics,
-            mixed_events=args.mixed_events,
-            churn_steps=args.churn_steps,
-            traffic_packets=args.traffic_packets,
+            _guest_config(args), _scenario_config(args), args.age_steps, args.strategies
         )
-        config.guest_config()
     except ValueError as exc:
         parser.error(str(exc))
     if args.plot is not None and not args.plot:
@@ -267,6 +253,10 @@ def _compare(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 # ---- run -----------------------------------------------------------------------------------
 
 
+def _guest_config(args: argparse.Namespace) -> GuestConfig:
+    return GuestConfig(memory_bytes=args.guest_memory, platform=args.platform, seed=args.seed)
+
+
 def _scenario_config(args: argparse.Namespace) -> ScenarioConfig:
     return ScenarioConfig(
         nics=args.nics,
@@ -275,7 +265,7 @@ def _scenario_config(args: argparse.Namespace) -> ScenarioConfig:
         mixed_events=args.mixed_events,
         churn_steps=args.churn_steps,
         traffic_packets=args.traffic_packets,
-        pace=args.pace,
+        pace=args.pace if "pace" in args else 0.0,
     )
 
 
@@ -287,34 +277,19 @@ def _install_stop(scenario: Scenario) -> None:
 
 
 async def _run_in_process(args: argparse.Namespace, progress: ProgressReporter) -> dict[str, Any]:
-    guest_config = GuestConfig(
-        memory_bytes=args.guest_memory, platform=args.platform, seed=args.seed
-    )
-    factory = GuestFactory(guest_config, args.age_steps, progress)
-    guest, strategy, baseline = boot_on(factory, args.strategy)
-    strategy.setup()
-    client = InProcessClient(strategy, owner="hv_netvsc")
-    host = HyperVHost(guest, owns=client.owns)
+    """The same in-process run as one strategy of compare (hv_netvsc_sim.inprocess)."""
+    guests = Guests(_guest_config(args), args.age_steps, progress)
     total = args.cycles
     label = f"run {args.strategy}"
-    scenario = Scenario(
+    run = await run_in_process(
+        args.strategy,
+        guests,
         _scenario_config(args),
-        client,
-        host,
-        guest=guest,
-        maintain=client.maintain,
         on_cycle=lambda c: progress(label, c, total),
+        on_start=_install_stop,
     )
-    _install_stop(scenario)
-    await scenario.start()
-    run_start = guest.stats.snapshot()
-    t0 = time.perf_counter()
-    await scenario.run()
-    wall = time.perf_counter() - t0
-    run = guest.stats.snapshot() - run_start
-    hz = guest.hazards()
-    sst = strategy.stats()
-    out = {
+    wall = run.run_seconds
+    return {
         "mode": "in-process",
         "strategy": args.strategy,
         "config": {
@@ -327,23 +302,12 @@ async def _run_in_process(args: argparse.Namespace, progress: ProgressReporter) 
             "mixed_events": args.mixed_events,
             "churn_steps": args.churn_steps,
         },
-        **scenario.summary(),
+        **run.summary,
         "wall_seconds": wall,
-        "cycles_per_second": scenario.cycles_done / wall if wall > 0 else 0.0,
-        "allocations": client.stats.allocations,
-        "failures": client.stats.failures,
-        "failure_reasons": dict(sorted(client.stats.failure_reasons.items())),
-        "alloc_latency_seconds": client.stats.latency_percentiles(),
-        "setup": (run_start - baseline).as_compare_json(),
-        "run": run.as_compare_json(),
-        "end_state": {
-            "direct_map_bytes": guest.direct_map.bytes_by_size(),
-            "hazard_pages": hz.as_json(),
-            "leaked_bytes": sst.leaked_bytes,
-        },
-        "strategy_stats": sst.as_json(),
+        "cycles_per_second": run.cycles_done / wall if wall > 0 else 0.0,
+        **run.result,
+        "strategy_stats": run.strategy_stats.as_json(),
     }
-    return out
 
 
 async def _run_daemon(args: argparse.Namespace, progress: ProgressReporter) -> dict[str, Any]:
@@ -387,10 +351,7 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if args.daemon is None:
         if args.cycles == 0:
             parser.error("--cycles 0 (until stopped) needs --daemon")
-        try:
-            GuestConfig(memory_bytes=args.guest_memory, platform=args.platform, seed=args.seed)
-        except ValueError as exc:
-            parser.error(str(exc))
+        check_guest_args(parser, args)
     with ProgressReporter(enabled=not args.json or sys.stderr.isatty()) as progress:
         try:
             if args.daemon is None:
@@ -446,6 +407,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return int(args.func(args, parser))
+        return int(args.func(args, args.parser))  # usage errors name the subcommand
     except KeyboardInterrupt:
         return 130

@@ -1,36 +1,19 @@
 """`compare`: every strategy on the same seed, the same aged guest, the same event sequence.
 
-Per strategy (DESIGN.md section 4, `compare --json`):
-
-1. The guest. Every strategy starts from a copy of one guest built from the same
-   GuestConfig (memory, platform, seed). A strategy whose boot() reserves memory
-   (swiotlb's bounce buffer, pool-boot's 1 GiB region: detected by running boot() on a
-   pristine copy and seeing the page allocator or the counters change) boots on the
-   pristine guest, which is then aged with `age_steps` churn steps: its own boot
-   profile, aged once. All the others share one aged guest: it is aged once and each
-   gets a clone. Aging converts nothing, so no conversion counts come from it.
-2. `setup` = the guest's COUNTS before the first cycle: boot + setup() + the initial
-   probe of every vNIC (everything that happens before cycle 1), as Counts
-   differences from the pristine (or freshly cloned aged) guest.
-3. `run` = the COUNTS of the cycles (hv_netvsc_sim.scenario documents one cycle);
-   `series` holds cumulative run values after each cycle (plus the direct-map bytes by
-   leaf size and the allocation latency of that cycle).
-4. `end_state` after the last cycle, vNICs still up: direct-map bytes by leaf size,
-   hazard pages (pool.guest.hazards), shared_bytes (pages in the shared state x 4096),
-   leaked_bytes (the strategy's), plus unknown_state_bytes (pages whose conversion
-   failed).
-5. `allocations`, `failures`, `failure_reasons`: every allocate call the driver made
-   (setup and run), counted on the driver's side of the client seam;
-   `alloc_latency_seconds`: p50 / p99 wall clock of the successful allocate calls.
+Per strategy (DESIGN.md section 4, `compare --json`): one in-process run
+(hv_netvsc_sim.inprocess, which documents each figure) on its guest. The guests come from
+one pool.provision.Guests: every strategy starts from a copy of one guest built from the
+same GuestConfig (memory, platform, seed); a strategy whose boot() reserves memory
+(swiotlb's bounce buffer, pool-boot's 1 GiB region: the registry's spec says so) boots on
+the pristine guest, which is then aged with `age_steps` churn steps (its own boot profile,
+aged once); all the others share one aged guest, aged once, each getting a clone. Aging
+converts nothing, so no conversion counts come from it.
 
 Extra keys (the contract allows them): `series` also has level-3 splits, DirectMap2M/1G
 bytes, pages converted, modeled seconds, cumulative failures and the mean allocate latency
 of each cycle; `driver` (DriverStats: probes, failures by reason and by buffer, leaks,
 packets), `host` (HostStats: GPADLs and their messages, refusals, use-after-free writes),
-`events` (counts by kind) and `buffer_checks` (can the strategy serve a default ring, the
-default and the largest send and receive buffers at all; tried once after the run, because
-a strategy that refuses the ring - swiotlb, 256 KiB at most - never gets as far as the
-receive buffer in the scenario).
+`events` (counts by kind) and `buffer_checks`.
 
 Everything except the latency figures is a pure function of the configuration: the same
 seed gives the same JSON.
@@ -42,311 +25,132 @@ import asyncio
 import multiprocessing
 import os
 import time
-from collections.abc import Callable
 from typing import Any
 
 import attrs
 
-from hv_netvsc_sim.client import InProcessClient
-from hv_netvsc_sim.device import NETVSC_MAX_RX_SECTIONS, NETVSC_MAX_TX_SECTIONS, DeviceSettings
-from hv_netvsc_sim.host import HyperVHost
-from hv_netvsc_sim.scenario import Scenario, ScenarioConfig
-from pool.guest import PAGE_SHARED, Counts, Guest, GuestConfig
-from pool.guest.units import PAGE_SIZE, PAGES_PER_1G, PAGES_PER_2M, GiB
-from pool.registry import STRATEGIES, make_strategy
-from pool.strategy import Strategy, StrategyError
+from hv_netvsc_sim.inprocess import SERIES_KEYS, SeriesRecorder, buffer_checks, run_in_process
+from hv_netvsc_sim.scenario import ScenarioConfig
+from pool.guest import GuestConfig
+from pool.provision import Guests, Progress
+from pool.registry import CONTRACT_STRATEGIES, SPECS, STRATEGIES
 
-CONTRACT_STRATEGIES = ("pool", "vmalloc-alias", "vmalloc-directmap", "swiotlb", "atomic-pool")
-DEFAULT_AGE_STEPS = 1_000_000
+__all__ = [
+    "COMPARE_CYCLES",
+    "CONTRACT_STRATEGIES",
+    "DEFAULT_AGE_STEPS",
+    "SERIES_KEYS",
+    "CompareConfig",
+    "SeriesRecorder",
+    "buffer_checks",
+    "default_jobs",
+    "run_compare",
+    "strip_latency",
+]
 
-Progress = Callable[[str, int, int], None]  # (what, done, total)
+DEFAULT_AGE_STEPS = 1_000_000  # compare's aging (DESIGN.md section 4)
+COMPARE_CYCLES = 200  # compare's cycles (DESIGN.md section 4); `run` keeps ScenarioConfig's
+
+
+def _strategies(value: Any) -> tuple[str, ...]:
+    return tuple(value)
 
 
 @attrs.frozen
 class CompareConfig:
-    guest_memory_bytes: int = 16 * GiB
-    cycles: int = 200
-    seed: int = 1
-    platform: str = "tdx"
+    """The guest every strategy starts from, the scenario they all run, the aging, and the
+    strategies. One seed: the guest's and the scenario's must be the same (`of` builds
+    both from one)."""
+
+    guest: GuestConfig = attrs.field(factory=GuestConfig)
+    scenario: ScenarioConfig = attrs.field(factory=lambda: ScenarioConfig(cycles=COMPARE_CYCLES))
     age_steps: int = DEFAULT_AGE_STEPS
-    strategies: tuple[str, ...] = STRATEGIES
-    nics: int = 2
-    mixed_events: int = 3
-    churn_steps: int = 250
-    traffic_packets: int = 64
+    strategies: tuple[str, ...] = attrs.field(default=STRATEGIES, converter=_strategies)
 
     def __attrs_post_init__(self) -> None:
-        if self.cycles < 1:
-            raise ValueError(f"cycles must be at least 1: {self.cycles}")
+        if self.scenario.cycles < 1:
+            raise ValueError(f"cycles must be at least 1: {self.scenario.cycles}")
         if self.age_steps < 0:
             raise ValueError(f"age steps must not be negative: {self.age_steps}")
-        unknown = [s for s in self.strategies if s not in STRATEGIES]
+        if self.guest.seed != self.scenario.seed:
+            raise ValueError(
+                f"one seed for the guest and the scenario: {self.guest.seed} != "
+                f"{self.scenario.seed}"
+            )
+        unknown = [s for s in self.strategies if s not in SPECS]
         if unknown or not self.strategies:
             raise ValueError(
                 f"unknown strategies {unknown}: expected some of {', '.join(STRATEGIES)}"
             )
 
-    def guest_config(self) -> GuestConfig:
-        return GuestConfig(
-            memory_bytes=self.guest_memory_bytes, platform=self.platform, seed=self.seed
+    @classmethod
+    def of(
+        cls,
+        *,
+        seed: int = 1,
+        guest_memory_bytes: int | None = None,
+        platform: str | None = None,
+        age_steps: int = DEFAULT_AGE_STEPS,
+        strategies: tuple[str, ...] = STRATEGIES,
+        **scenario: Any,
+    ) -> CompareConfig:
+        """A config from one seed: the guest's fields (the GuestConfig defaults unless
+        given) and the scenario's (ScenarioConfig's, with compare's 200 cycles)."""
+        guest: dict[str, Any] = {"seed": seed}
+        if guest_memory_bytes is not None:
+            guest["memory_bytes"] = guest_memory_bytes
+        if platform is not None:
+            guest["platform"] = platform
+        return cls(
+            GuestConfig(**guest),
+            ScenarioConfig(**{"cycles": COMPARE_CYCLES, **scenario, "seed": seed}),
+            age_steps,
+            strategies,
         )
 
-    def scenario_config(self) -> ScenarioConfig:
-        return ScenarioConfig(
-            nics=self.nics,
-            cycles=self.cycles,
-            seed=self.seed,
-            mixed_events=self.mixed_events,
-            churn_steps=self.churn_steps,
-            traffic_packets=self.traffic_packets,
-        )
+    @property
+    def seed(self) -> int:
+        return self.guest.seed
+
+    @property
+    def cycles(self) -> int:
+        return self.scenario.cycles
 
     def as_json(self) -> dict[str, Any]:
         return {
-            "guest_memory_bytes": self.guest_memory_bytes,
-            "cycles": self.cycles,
-            "seed": self.seed,
-            "platform": self.platform,
+            "guest_memory_bytes": self.guest.memory_bytes,
+            "cycles": self.scenario.cycles,
+            "seed": self.guest.seed,
+            "platform": self.guest.platform,
             "age_steps": self.age_steps,
-            "nics": self.nics,
-            "mixed_events": self.mixed_events,
-            "churn_steps": self.churn_steps,
-            "traffic_packets": self.traffic_packets,
+            "nics": self.scenario.nics,
+            "mixed_events": self.scenario.mixed_events,
+            "churn_steps": self.scenario.churn_steps,
+            "traffic_packets": self.scenario.traffic_packets,
             "strategies": list(self.strategies),
         }
 
 
-def _copy(guest: Guest) -> Guest:
-    return guest.clone()
-
-
-class GuestFactory:
-    """Pristine and aged guests for one configuration; aging happens once per boot profile."""
-
-    def __init__(
-        self, config: GuestConfig, age_steps: int, progress: Progress | None = None
-    ) -> None:
-        self.config = config
-        self.age_steps = age_steps
-        self.progress = progress
-        self._pristine: Guest | None = None
-        self._aged: Guest | None = None
-        self.aging_seconds = 0.0
-
-    def pristine(self) -> Guest:
-        if self._pristine is None:
-            self._pristine = Guest(self.config)
-        return _copy(self._pristine)
-
-    def age(self, guest: Guest, label: str) -> None:
-        t0 = time.perf_counter()
-        report = None
-        if self.progress is not None:
-            progress = self.progress
-
-            def report_fn(done: int, total: int) -> None:
-                progress(f"aging ({label})", done, total)
-
-            report = report_fn
-        guest.age(self.age_steps, report)
-        self.aging_seconds += time.perf_counter() - t0
-
-    def aged(self) -> Guest:
-        if self._aged is None:
-            guest = self.pristine()
-            self.age(guest, "shared")
-            self._aged = guest
-        return _copy(self._aged)
-
-
-def boot_on(factory: GuestFactory, name: str) -> tuple[Guest, Strategy, Counts]:
-    """A booted strategy on its guest (aged, after boot if boot reserves memory) and the
-    counts baseline its `setup` figures are measured from."""
-    guest = factory.pristine()
-    free_before = guest.allocator.free_pages()
-    baseline = guest.stats.snapshot()
-    strategy = make_strategy(name, guest)
-    strategy.boot()
-    if guest.allocator.free_pages() != free_before or guest.stats.snapshot() != baseline:
-        factory.age(guest, name)  # its own boot profile: booted pristine, then aged
-        return guest, strategy, baseline
-    guest = factory.aged()
-    baseline = guest.stats.snapshot()
-    strategy = make_strategy(name, guest)
-    strategy.boot()
-    return guest, strategy, baseline
-
-
-SERIES_KEYS = (
-    "cycle",
-    "hypercalls",
-    "direct_map_splits_level2",
-    "direct_map_splits_level3",
-    "direct_map_4k_bytes",
-    "direct_map_2M_bytes",
-    "direct_map_1G_bytes",
-    "pages_converted",
-    "modeled_conversion_seconds",
-    "failures",
-    "alloc_latency_mean_seconds",
-)
-
-
-class SeriesRecorder:
-    """Samples the run after each cycle: cumulative counts since the run started, the
-    direct map's bytes by leaf size, cumulative allocation failures, and the mean latency of
-    the allocate calls made during that cycle."""
-
-    def __init__(
-        self,
-        guest: Guest,
-        client: InProcessClient,
-        start: Counts,
-        progress: Callable[[int], None] | None = None,
-    ) -> None:
-        self.guest = guest
-        self.client = client
-        self.start = start
-        self.progress = progress
-        self.series: dict[str, list[Any]] = {k: [] for k in SERIES_KEYS}
-        self._lat_mark = 0
-
-    def begin(self) -> Counts:
-        self.start = self.guest.stats.snapshot()
-        self._lat_mark = len(self.client.stats.latencies)
-        return self.start
-
-    def __call__(self, cycle: int) -> None:
-        d = self.guest.stats.snapshot() - self.start
-        dm = self.guest.direct_map
-        s = self.series
-        s["cycle"].append(cycle)
-        s["hypercalls"].append(d.hypercalls)
-        s["direct_map_splits_level2"].append(d.direct_map_level2_splits)
-        s["direct_map_splits_level3"].append(d.direct_map_level3_splits)
-        s["direct_map_4k_bytes"].append(dm.n4k * PAGE_SIZE)
-        s["direct_map_2M_bytes"].append(dm.n2m * PAGES_PER_2M * PAGE_SIZE)
-        s["direct_map_1G_bytes"].append(dm.n1g * PAGES_PER_1G * PAGE_SIZE)
-        s["pages_converted"].append(d.pages_converted)
-        s["modeled_conversion_seconds"].append(round(d.modeled_conversion_seconds, 9))
-        s["failures"].append(self.client.stats.failures)
-        lat = self.client.stats.latencies
-        window = lat[self._lat_mark :]
-        s["alloc_latency_mean_seconds"].append(sum(window) / len(window) if window else 0.0)
-        self._lat_mark = len(lat)
-        if self.progress is not None:
-            self.progress(cycle)
-
-
-def buffer_checks(strategy: Strategy) -> dict[str, dict[str, Any]]:
-    """Can the strategy serve hv_netvsc's buffers at all? One allocate + free per size, on
-    an otherwise finished run: the default VMBus ring (the driver asks for it first, so a
-    strategy that refuses it never reaches the receive buffer in the scenario), the default
-    and the largest send and receive buffers."""
-    d = DeviceSettings()
-    sizes = {
-        "ring": d.ring_bytes,
-        "send_buf": d.send_buf_bytes,
-        "recv_buf": d.recv_buf_bytes,
-        "send_buf_max": DeviceSettings(send_sections=NETVSC_MAX_TX_SECTIONS).send_buf_bytes,
-        "recv_buf_max": DeviceSettings(recv_sections=NETVSC_MAX_RX_SECTIONS).recv_buf_bytes,
-    }
-    out: dict[str, dict[str, Any]] = {}
-    for purpose, size in sizes.items():
-        try:
-            buf = strategy.allocate(size, "compare-check", purpose)
-        except StrategyError as exc:
-            out[purpose] = {"bytes": size, "ok": False, "reason": exc.reason}
-            continue
-        try:
-            strategy.free(buf.id, "compare-check")
-        except StrategyError as exc:  # pragma: no cover - a strategy bug, reported
-            out[purpose] = {"bytes": size, "ok": True, "free_error": exc.reason}
-            continue
-        out[purpose] = {"bytes": size, "ok": True, "reason": None}
-    return out
-
-
-async def _run_one(
-    name: str, config: CompareConfig, factory: GuestFactory, progress: Progress | None
-) -> tuple[dict[str, Any], float]:
-    """One strategy's result, and the wall-clock seconds spent inside the guest model and the
-    strategy (setup, allocate, free, maintain, churn): the part of the run that is not the
-    simulator's own overhead."""
-    guest, strategy, baseline = boot_on(factory, name)
-    t0 = time.perf_counter()
-    strategy.setup()
-    setup_seconds = time.perf_counter() - t0
-    client = InProcessClient(strategy, owner="hv_netvsc")
-    host = HyperVHost(guest, owns=client.owns)
-    recorder = SeriesRecorder(
-        guest,
-        client,
-        baseline,
-        None if progress is None else (lambda c: progress(name, c, config.cycles)),
-    )
-    scenario = Scenario(
-        config.scenario_config(),
-        client,
-        host,
-        guest=guest,
-        maintain=client.maintain,
-        on_cycle=recorder,
-    )
-    await scenario.start()
-    run_start = recorder.begin()
-    setup = run_start - baseline
-    await scenario.run()
-    run = guest.stats.snapshot() - run_start
-    hz = guest.hazards()
-    sst = strategy.stats()
-    shared_pages = (
-        int((guest.platform.state == PAGE_SHARED).sum()) if guest.platform.encrypts else 0
-    )
-    cs = client.stats
-    result = {
-        "allocations": cs.allocations,
-        "failures": cs.failures,
-        "failure_reasons": dict(sorted(cs.failure_reasons.items())),
-        "setup": setup.as_compare_json(),
-        "run": run.as_compare_json(),
-        "end_state": {
-            "direct_map_bytes": guest.direct_map.bytes_by_size(),
-            "hazard_pages": hz.as_json(),
-            "shared_bytes": shared_pages * PAGE_SIZE,
-            "leaked_bytes": sst.leaked_bytes,
-            "unknown_state_bytes": hz.unknown_state_pages * PAGE_SIZE,
-            "strategy_size_bytes": sst.size_bytes,
-            "devices_up": sum(1 for d in scenario.devices if d is not None and d.state == "up"),
-        },
-        "alloc_latency_seconds": {**cs.latency_percentiles(), "samples": len(cs.latencies)},
-        "series": recorder.series,
-        "driver": scenario.stats.as_json(),
-        "host": host.stats.as_json(),
-        "events": dict(sorted(scenario.events.items())),
-    }
-    result["buffer_checks"] = buffer_checks(strategy)  # after every figure above is taken
-    model = setup_seconds + sum(cs.latencies) + cs.free_seconds + scenario.model_seconds
-    return result, model
-
-
 def _run_one_sync(
-    name: str, config: CompareConfig, factory: GuestFactory, progress: Progress | None
+    name: str, config: CompareConfig, guests: Guests, progress: Progress | None
 ) -> tuple[dict[str, Any], float, float, float]:
+    """One strategy's result, the seconds inside the model, the total (aging excluded) and
+    the aging seconds."""
     t0 = time.perf_counter()
-    aging0 = factory.aging_seconds
-    result, model = asyncio.run(_run_one(name, config, factory, progress))
-    aging = factory.aging_seconds - aging0
-    return result, model, time.perf_counter() - t0 - aging, aging
+    aging0 = guests.aging_seconds
+    on_cycle = None if progress is None else (lambda c: progress(name, c, config.cycles))
+    run = asyncio.run(run_in_process(name, guests, config.scenario, on_cycle=on_cycle))
+    aging = guests.aging_seconds - aging0
+    return run.result, run.model_seconds, time.perf_counter() - t0 - aging, aging
 
 
-_FORKED: tuple[CompareConfig, GuestFactory] | None = None  # inherited by forked workers
+_FORKED: tuple[CompareConfig, Guests] | None = None  # inherited by forked workers
 
 
 def _worker(name: str) -> tuple[dict[str, Any], float, float, float]:
     assert _FORKED is not None
-    config, factory = _FORKED
-    return _run_one_sync(name, config, factory, None)
+    config, guests = _FORKED
+    return _run_one_sync(name, config, guests, None)
 
 
 def default_jobs(nstrategies: int) -> int:
@@ -369,7 +173,7 @@ def run_compare(
     strategy its total (aging excluded), `<name>/model` the part spent inside the guest model
     and the strategy, and `aging` the total spent aging guests."""
     global _FORKED
-    factory = GuestFactory(config.guest_config(), config.age_steps, progress)
+    factory = Guests(config.guest, config.age_steps, progress)
     out: dict[str, Any] = {"config": config.as_json(), "strategies": {}}
     results: dict[str, tuple[dict[str, Any], float, float, float]] = {}
     jobs = min(jobs, len(config.strategies))
@@ -381,7 +185,7 @@ def run_compare(
         shared_aging = factory.aging_seconds
         _FORKED = (config, factory)
         # the costliest first (page-by-page strategies), so two workers stay balanced
-        order = sorted(config.strategies, key=lambda n: not n.startswith("vmalloc"))
+        order = sorted(config.strategies, key=lambda n: not SPECS[n].costly)
         # multiprocessing's Pool rather than ProcessPoolExecutor: on Ctrl-C (or any error)
         # terminate() stops the workers at once, where the executor's shutdown waits for
         # the strategies in flight to finish (~20 s on the default guest)

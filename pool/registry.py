@@ -90,12 +90,16 @@ class StrategySpec:
     from the pristine guest (swiotlb's bounce buffer, pool-boot's 1 GiB region; False:
     boot() takes nothing, so booting before or after aging is the same);
     `build(name, guest, settings, options)` makes it, `options` overriding its
-    constructor's keyword arguments."""
+    constructor's keyword arguments; `contract`: one of the five names compare's JSON
+    promises (DESIGN.md section 4); `costly`: it converts page by page, the slowest to
+    simulate (compare schedules it first when strategies run in parallel)."""
 
     name: str
     description: str
     build: Build
     reserves_at_boot: Callable[[PoolSettings], bool]
+    contract: bool = True
+    costly: bool = False
 
 
 SPECS: dict[str, StrategySpec] = {
@@ -112,6 +116,7 @@ SPECS: dict[str, StrategySpec] = {
             "option 3 with a 1 GiB-aligned region reserved and decrypted at boot (no split)",
             _shared_pool(1 * GiB),
             lambda s: s.boot_reserve_bytes != 0,
+            contract=False,
         ),
         StrategySpec(
             "vmalloc-alias",
@@ -119,12 +124,14 @@ SPECS: dict[str, StrategySpec] = {
             "option 1 accepts that fatal hazard by not using load_unaligned_zeropad)",
             _vmalloc(alias=False),
             lambda s: False,
+            costly=True,
         ),
         StrategySpec(
             "vmalloc-directmap",
             "vzalloc + decrypt with the direct-map aliases (the kernel's default)",
             _vmalloc(alias=True),
             lambda s: False,
+            costly=True,
         ),
         StrategySpec(
             "swiotlb",
@@ -141,6 +148,8 @@ SPECS: dict[str, StrategySpec] = {
     )
 }
 STRATEGIES = tuple(SPECS)
+CONTRACT_STRATEGIES = tuple(name for name, spec in SPECS.items() if spec.contract)
+DEFAULT_STRATEGY = "pool"  # option 3, the SharedPool: what the daemon and `run` serve
 DESCRIPTIONS = {name: spec.description for name, spec in SPECS.items()}
 
 

@@ -169,7 +169,7 @@ def test_cost_profile_override_and_errors(tmp_path: Path):
 @pytest.mark.parametrize(
     "kw,match",
     [
-        ({"memory_bytes": 1000}, "multiple of 4 MiB"),
+        ({"memory_bytes": 1000}, "multiple of 4MiB"),
         ({"platform": "sev"}, "unknown platform"),
         ({"hole": (5, 3)}, "hole"),
     ],

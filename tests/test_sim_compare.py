@@ -44,7 +44,7 @@ SERIES_KEYS = {"cycle", "hypercalls", "direct_map_splits_level2", "direct_map_4k
 
 @pytest.fixture(scope="module")
 def small() -> dict[str, Any]:
-    config = CompareConfig(guest_memory_bytes=4 * GiB, cycles=30, seed=1, age_steps=100_000)
+    config = CompareConfig.of(guest_memory_bytes=4 * GiB, cycles=30, seed=1, age_steps=100_000)
     return run_compare(config)
 
 
@@ -123,7 +123,7 @@ def test_directions_small(small):
 
 
 def test_same_seed_same_json_except_latency():
-    config = CompareConfig(
+    config = CompareConfig.of(
         guest_memory_bytes=2 * GiB,
         cycles=6,
         seed=4,
@@ -135,7 +135,7 @@ def test_same_seed_same_json_except_latency():
     assert list(b["strategies"]) == list(config.strategies)
     assert "alloc_latency_seconds" not in strip_latency(a)["strategies"]["pool"]
     other = run_compare(
-        CompareConfig(
+        CompareConfig.of(
             guest_memory_bytes=2 * GiB,
             cycles=6,
             seed=5,
@@ -151,7 +151,7 @@ def test_same_seed_same_json_except_latency():
 
 def test_pristine_guest_and_platform_none():
     doc = run_compare(
-        CompareConfig(
+        CompareConfig.of(
             guest_memory_bytes=1 * GiB,
             cycles=3,
             age_steps=0,
@@ -168,7 +168,7 @@ def test_pristine_guest_and_platform_none():
 @pytest.fixture(scope="module")
 def full() -> dict[str, Any]:
     """The issue's case: `compare --cycles 200 --seed 1` on the default 16 GiB aged guest."""
-    return run_compare(CompareConfig(cycles=200, seed=1))
+    return run_compare(CompareConfig.of(cycles=200, seed=1))
 
 
 @pytest.mark.slow

@@ -19,6 +19,7 @@ from pool.guest.buddyimport import allocator_from_buddyinfo, buddyinfo_rows
 from pool.guest.directmap import DirectMap
 from pool.guest.fragmentation import format_buddyinfo
 from pool.guest.machine import Guest, GuestConfig
+from pool.guest.options import add_guest_arguments, check_guest_args, non_negative_arg
 from pool.guest.procfs import read_host, zoneinfo_layout
 from pool.guest.ptdump import DEFAULT_PAGE_OFFSET, format_ptdump, parse_ptdump
 from pool.guest.replay import parse_changes, render_replay, replay, replay_json
@@ -212,17 +213,6 @@ def _count_arg(text: str) -> int:
     return value
 
 
-def _add_guest_args(parser: argparse.ArgumentParser, default_memory: str) -> None:
-    parser.add_argument(
-        "--guest-memory",
-        type=size_arg,
-        default=parse_size(default_memory),
-        help=f"guest RAM (default {default_memory}; a 3-4 GiB PCI hole is modeled)",
-    )
-    parser.add_argument("--platform", choices=("tdx", "snp", "none"), default="tdx")
-    parser.add_argument("--seed", type=int, default=1)
-
-
 def _add_replay(sub: Any) -> None:
     p = sub.add_parser(
         "replay",
@@ -242,7 +232,12 @@ def _add_replay(sub: Any) -> None:
         help="use this machine's /proc/buddyinfo and, if readable, its page-table dump "
         "(else a layout from /proc/zoneinfo); --ptdump and --buddyinfo take precedence",
     )
-    p.add_argument("--seed", type=int, default=1, help="seed of the free-block placement")
+    p.add_argument(
+        "--seed",
+        type=non_negative_arg("--seed"),
+        default=1,
+        help="seed of the free-block placement",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON document")
     p.add_argument(
         "--max-leaves",
@@ -264,17 +259,14 @@ def _add_export(sub: Any) -> None:
     )
     p.add_argument("--ptdump", metavar="OUT", help="where to write the page-table dump")
     p.add_argument("--buddyinfo", metavar="OUT", help="where to write /proc/buddyinfo")
-    _add_guest_args(p, "4GiB")
-    p.add_argument(
-        "--age-steps", type=int, default=0, help="background churn steps first (default 0)"
-    )
+    add_guest_arguments(p, memory="4GiB", age_steps=0)
     p.add_argument(
         "--page-offset",
         type=_address_arg,
         default=DEFAULT_PAGE_OFFSET,
         help=f"virtual address of pfn 0 in the dump (default {DEFAULT_PAGE_OFFSET:#x})",
     )
-    p.set_defaults(func=_export)
+    p.set_defaults(func=_export, parser=p)
 
 
 def _version() -> str:
@@ -296,21 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Build a guest, print buddyinfo, fragmentation indexes and "
         "the direct map; age it; print them again.",
     )
-    demo.add_argument(
-        "--guest-memory",
-        type=size_arg,
-        default=parse_size("16GiB"),
-        help="guest RAM (default 16GiB; a 3-4 GiB PCI hole is modeled)",
-    )
-    demo.add_argument("--platform", choices=("tdx", "snp", "none"), default="tdx")
-    demo.add_argument("--seed", type=int, default=1)
-    demo.add_argument(
-        "--age-steps",
-        type=int,
-        default=1_000_000,
-        help="background churn steps (default 1,000,000; 0 = pristine)",
-    )
-    demo.set_defaults(func=_demo)
+    add_guest_arguments(demo, memory="16GiB", age_steps=1_000_000)
+    demo.set_defaults(func=_demo, parser=demo)
     _add_replay(sub)
     _add_export(sub)
     return parser
@@ -319,6 +298,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if hasattr(args, "guest_memory"):
+        check_guest_args(args.parser, args)  # usage errors name the subcommand
     try:
         return int(args.func(args))
     except ValueError as exc:

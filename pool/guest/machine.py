@@ -1,20 +1,14 @@
 """The simulated confidential guest: one object that owns the machine's state.
 
 `Guest` ties together the page allocator, the background workload, the direct
-map, the vmalloc space, the CoCo platform and the counters, and implements the
-kernel's conversion sequence (__set_memory_enc_pgtable in
-arch/x86/mm/pat/set_memory.c) on top of them:
-
-  1. flush TLB, and caches for every page where the platform requires it;
-  2. shared -> private only: MapGPA and accept (enc_status_change_prepare);
-  3. change the page tables (direct-map leaves keep or split; vmalloc PTEs, and
-     with alias processing the pages' direct-map aliases one by one);
-  4. flush TLB again;
-  5. private -> shared only: MapGPA (enc_status_change_finish).
-
-This order guarantees that no private mapping ever points at a shared page. A
-conversion that fails leaves its pages UNKNOWN and the caller must leak them:
-`free_pages` refuses any page that is not private and privately mapped.
+map, the vmalloc space, the CoCo platform and the counters. Its conversions
+(set_memory_decrypted / set_memory_encrypted, on direct-map ranges and on vmalloc
+areas) run the kernel's conversion sequence, __set_memory_enc_pgtable in
+arch/x86/mm/pat/set_memory.c, which pool.guest.encpgtable models beside the split
+rule of pool.guest.directmap; that order guarantees that no private mapping ever
+points at a shared page. A conversion that fails leaves its pages UNKNOWN and the
+caller must leak them: `free_pages` refuses any page that is not private and
+privately mapped.
 
 The guest knows nothing of pools: strategies in `pool` call it, never the reverse.
 """
@@ -32,6 +26,7 @@ from pool.guest import hazards
 from pool.guest.buddy import PageAllocator, Zone, default_zones
 from pool.guest.costs import CostProfile
 from pool.guest.directmap import PRIVATE, SHARED, DirectMap, SplitCounts
+from pool.guest.encpgtable import set_memory_enc_pgtable
 from pool.guest.fragmentation import fragmentation_index, unusable_free_index
 from pool.guest.platform import (
     PAGE_PRIVATE,
@@ -42,11 +37,50 @@ from pool.guest.platform import (
     SimulatedHost,
 )
 from pool.guest.stats import Counts, GuestStats
-from pool.guest.units import NR_ORDERS, PAGE_SHIFT, PAGE_SIZE, PAGES_PER_2M, GiB, MiB
+from pool.guest.units import NR_ORDERS, PAGE_SHIFT, PAGE_SIZE, PAGES_PER_2M, GiB, MiB, format_size
 from pool.guest.vmalloc import VmallocSpace, VmArea
 from pool.guest.workload import Churn, ChurnConfig
 
 Runs = Sequence[tuple[int, int]]
+
+
+MEMORY_STEP = 4 * MiB
+MIN_MEMORY = 16 * MiB
+MAX_MEMORY = 1 << 40  # the model keeps a few bytes per page in arrays: 1 TiB is ~2 GiB of them
+DEFAULT_RESERVED = ((0, 1 * MiB), (16 * MiB, 64 * MiB))  # the first MiB, the kernel image
+
+
+def check_memory(nbytes: int) -> int:
+    """The machine sizes the model builds: a multiple of 4 MiB, 16 MiB to 1 TiB (ValueError,
+    one line, naming the size)."""
+    size = format_size(nbytes)
+    if nbytes % MEMORY_STEP:
+        raise ValueError(f"{size} is not a multiple of {format_size(MEMORY_STEP)}")
+    if nbytes < MIN_MEMORY:
+        raise ValueError(f"{size} is less than the smallest guest, {format_size(MIN_MEMORY)}")
+    if nbytes > MAX_MEMORY:
+        raise ValueError(f"{size} is more than the largest guest, {format_size(MAX_MEMORY)}")
+    return nbytes
+
+
+def min_aged_memory(reserved: Sequence[tuple[int, int]] = DEFAULT_RESERVED) -> int:
+    """The smallest guest that can be aged: the churn allocates from DMA32 and Normal only
+    (pool.guest.workload), so it needs RAM above the reserved ranges (the kernel image ends
+    at 64 MiB): one 4 MiB step past their end."""
+    return max(end for _, end in reserved) + MEMORY_STEP
+
+
+def check_aging(
+    memory_bytes: int, age_steps: int, reserved: Sequence[tuple[int, int]] = DEFAULT_RESERVED
+) -> None:
+    """ValueError if a guest of `memory_bytes` cannot be aged by `age_steps` steps."""
+    least = min_aged_memory(reserved)
+    if age_steps > 0 and memory_bytes < least:
+        raise ValueError(
+            f"{format_size(memory_bytes)} is too small to age: at least {format_size(least)} "
+            "(the churn needs free memory above the reserved first 64MiB; --age-steps 0 for "
+            "a pristine guest)"
+        )
 
 
 @attrs.frozen
@@ -67,15 +101,12 @@ class GuestConfig:
     cost_profile: str | None = None
     faults: FaultPlan = attrs.Factory(FaultPlan)
     churn: ChurnConfig = attrs.Factory(ChurnConfig)
-    reserved: tuple[tuple[int, int], ...] = ((0, 1 * MiB), (16 * MiB, 64 * MiB))
+    reserved: tuple[tuple[int, int], ...] = DEFAULT_RESERVED
     boot_splits: tuple[int, ...] | None = None
     boot_scatter_splits: int = 4
 
     def __attrs_post_init__(self) -> None:
-        if self.memory_bytes < 16 * MiB or self.memory_bytes % (4 * MiB):
-            raise ValueError(
-                f"guest memory must be a multiple of 4 MiB and at least 16 MiB: {self.memory_bytes}"
-            )
+        check_memory(self.memory_bytes)
         if self.hole is not None:
             lo, hi = self.hole
             if not (0 < lo < hi and lo % (2 * MiB) == 0 and hi % (2 * MiB) == 0):
@@ -225,7 +256,9 @@ class Guest:
     # ---- aging -----------------------------------------------------------------
 
     def age(self, steps: int, progress: Callable[[int, int], None] | None = None) -> None:
-        """Run the background workload for `steps` steps (page-cache and slab churn)."""
+        """Run the background workload for `steps` steps (page-cache and slab churn).
+        ValueError first if this guest is too small to be aged (check_aging)."""
+        check_aging(self.config.memory_bytes, steps, self.config.reserved)
         self.churn.run(steps, progress)
 
     def background(self, steps: int) -> None:
@@ -295,24 +328,6 @@ class Guest:
 
     # ---- conversions ------------------------------------------------------------
 
-    def _flush(self, npages: int, caches: bool) -> None:
-        self.stats.tlb_flushes += 1
-        self.stats.modeled_conversion_seconds += self.costs.tlb_flush_seconds
-        if caches and self.platform.cache_flush_required:
-            self.stats.cache_flushed_pages += npages
-            self.stats.modeled_conversion_seconds += npages * self.costs.cache_flush_page_seconds
-
-    def _charge_splits(self, splits: SplitCounts) -> None:
-        n = splits.level2 + splits.level3
-        s = self.stats
-        s.direct_map_level2_splits += splits.level2
-        s.direct_map_level3_splits += splits.level3
-        s.page_table_pages += n
-        s.tlb_flushes += n
-        s.modeled_conversion_seconds += n * (
-            self.costs.split_seconds + self.costs.tlb_flush_seconds
-        )
-
     def _convert(
         self,
         npages: int,
@@ -320,34 +335,9 @@ class Guest:
         hypercalls: Callable[[bool], ConversionResult],
         change_tables: Callable[[], SplitCounts],
     ) -> ConversionResult:
-        if not self.platform.encrypts:
-            return ConversionResult(True, npages, 0, 0.0)
-        before = self.stats.modeled_conversion_seconds
-        calls_before = self.stats.hypercalls
-        if to_shared:
-            self.stats.conversions_to_shared += 1
-        else:
-            self.stats.conversions_to_private += 1
-        self._flush(npages, caches=True)
-        result = None
-        if not to_shared:
-            result = hypercalls(False)
-            if not result.ok:  # vmm_fail: page tables untouched, pages unknown
-                return self._result(result, before, calls_before)
-        self._charge_splits(change_tables())
-        self._flush(npages, caches=False)
-        if to_shared:
-            result = hypercalls(True)
-        assert result is not None
-        return self._result(result, before, calls_before)
-
-    def _result(
-        self, result: ConversionResult, seconds_before: float, calls_before: int
-    ) -> ConversionResult:
-        return attrs.evolve(
-            result,
-            hypercalls=self.stats.hypercalls - calls_before,
-            modeled_seconds=self.stats.modeled_conversion_seconds - seconds_before,
+        """__set_memory_enc_pgtable (pool.guest.encpgtable) on this guest's parts."""
+        return set_memory_enc_pgtable(
+            self.stats, self.costs, self.platform, npages, to_shared, hypercalls, change_tables
         )
 
     def set_memory_decrypted(self, pfn: int, npages: int) -> ConversionResult:

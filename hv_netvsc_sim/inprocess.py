@@ -1,0 +1,216 @@
+"""One in-process run: a strategy provisioned on its guest (pool.provision), the simulated
+driver and host on top, the scenario's cycles, and the figures `compare` reports.
+
+`hv-netvsc-sim run` (one strategy) and `compare` (every strategy, on copies of one aged
+guest) both run exactly this; they differ only in what they print around it.
+
+The result (`InProcessRun.result`, DESIGN.md section 4, one strategy of `compare --json`):
+
+- `setup` = the guest's COUNTS before the first cycle: boot + setup() + the initial
+  probe of every vNIC (everything that happens before cycle 1), as Counts differences
+  from the pristine (or freshly cloned aged) guest;
+- `run` = the COUNTS of the cycles (hv_netvsc_sim.scenario documents one cycle);
+  `series` holds cumulative run values after each cycle (plus the direct-map bytes by
+  leaf size and the allocation latency of that cycle);
+- `end_state` after the last cycle, vNICs still up: direct-map bytes by leaf size,
+  hazard pages (pool.guest.hazards), shared_bytes (pages in the shared state x 4096),
+  leaked_bytes (the strategy's), plus unknown_state_bytes (pages whose conversion
+  failed);
+- `allocations`, `failures`, `failure_reasons`: every allocate call the driver made
+  (setup and run), counted on the driver's side of the client seam;
+  `alloc_latency_seconds`: p50 / p99 wall clock of the successful allocate calls;
+- `driver`, `host`, `events`, and `buffer_checks` (can the strategy serve a default
+  ring, the default and the largest send and receive buffers at all; tried once after
+  the run, because a strategy that refuses the ring - swiotlb, 256 KiB at most - never
+  gets as far as the receive buffer in the scenario).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import attrs
+
+from hv_netvsc_sim.client import InProcessClient
+from hv_netvsc_sim.device import NETVSC_MAX_RX_SECTIONS, NETVSC_MAX_TX_SECTIONS, DeviceSettings
+from hv_netvsc_sim.host import HyperVHost
+from hv_netvsc_sim.scenario import Scenario, ScenarioConfig
+from pool.guest import PAGE_SHARED, Counts, Guest
+from pool.guest.units import PAGE_SIZE, PAGES_PER_1G, PAGES_PER_2M
+from pool.provision import Guests, provision
+from pool.registry import PoolSettings
+from pool.strategy import Strategy, StrategyError, StrategyStats
+
+SERIES_KEYS = (
+    "cycle",
+    "hypercalls",
+    "direct_map_splits_level2",
+    "direct_map_splits_level3",
+    "direct_map_4k_bytes",
+    "direct_map_2M_bytes",
+    "direct_map_1G_bytes",
+    "pages_converted",
+    "modeled_conversion_seconds",
+    "failures",
+    "alloc_latency_mean_seconds",
+)
+
+
+class SeriesRecorder:
+    """Samples the run after each cycle: cumulative counts since the run started, the
+    direct map's bytes by leaf size, cumulative allocation failures, and the mean latency of
+    the allocate calls made during that cycle."""
+
+    def __init__(
+        self,
+        guest: Guest,
+        client: InProcessClient,
+        start: Counts,
+        progress: Callable[[int], None] | None = None,
+    ) -> None:
+        self.guest = guest
+        self.client = client
+        self.start = start
+        self.progress = progress
+        self.series: dict[str, list[Any]] = {k: [] for k in SERIES_KEYS}
+        self._lat_mark = 0
+
+    def begin(self) -> Counts:
+        self.start = self.guest.stats.snapshot()
+        self._lat_mark = len(self.client.stats.latencies)
+        return self.start
+
+    def __call__(self, cycle: int) -> None:
+        d = self.guest.stats.snapshot() - self.start
+        dm = self.guest.direct_map
+        s = self.series
+        s["cycle"].append(cycle)
+        s["hypercalls"].append(d.hypercalls)
+        s["direct_map_splits_level2"].append(d.direct_map_level2_splits)
+        s["direct_map_splits_level3"].append(d.direct_map_level3_splits)
+        s["direct_map_4k_bytes"].append(dm.n4k * PAGE_SIZE)
+        s["direct_map_2M_bytes"].append(dm.n2m * PAGES_PER_2M * PAGE_SIZE)
+        s["direct_map_1G_bytes"].append(dm.n1g * PAGES_PER_1G * PAGE_SIZE)
+        s["pages_converted"].append(d.pages_converted)
+        s["modeled_conversion_seconds"].append(round(d.modeled_conversion_seconds, 9))
+        s["failures"].append(self.client.stats.failures)
+        lat = self.client.stats.latencies
+        window = lat[self._lat_mark :]
+        s["alloc_latency_mean_seconds"].append(sum(window) / len(window) if window else 0.0)
+        self._lat_mark = len(lat)
+        if self.progress is not None:
+            self.progress(cycle)
+
+
+def buffer_checks(strategy: Strategy) -> dict[str, dict[str, Any]]:
+    """Can the strategy serve hv_netvsc's buffers at all? One allocate + free per size, on
+    an otherwise finished run: the default VMBus ring (the driver asks for it first, so a
+    strategy that refuses it never reaches the receive buffer in the scenario), the default
+    and the largest send and receive buffers."""
+    d = DeviceSettings()
+    sizes = {
+        "ring": d.ring_bytes,
+        "send_buf": d.send_buf_bytes,
+        "recv_buf": d.recv_buf_bytes,
+        "send_buf_max": DeviceSettings(send_sections=NETVSC_MAX_TX_SECTIONS).send_buf_bytes,
+        "recv_buf_max": DeviceSettings(recv_sections=NETVSC_MAX_RX_SECTIONS).recv_buf_bytes,
+    }
+    out: dict[str, dict[str, Any]] = {}
+    for purpose, size in sizes.items():
+        try:
+            buf = strategy.allocate(size, "compare-check", purpose)
+        except StrategyError as exc:
+            out[purpose] = {"bytes": size, "ok": False, "reason": exc.reason}
+            continue
+        try:
+            strategy.free(buf.id, "compare-check")
+        except StrategyError as exc:  # pragma: no cover - a strategy bug, reported
+            out[purpose] = {"bytes": size, "ok": True, "free_error": exc.reason}
+            continue
+        out[purpose] = {"bytes": size, "ok": True, "reason": None}
+    return out
+
+
+@attrs.frozen
+class InProcessRun:
+    """What one in-process run gives: `result` (the strategy's compare document),
+    `summary` (Scenario.summary()), the strategy's final stats (before the buffer checks),
+    and wall-clock seconds: `run_seconds` of the cycles, `model_seconds` spent inside the
+    guest model and the strategy (setup, allocate, free, maintain, churn: the part that is
+    not the simulator's own overhead)."""
+
+    result: dict[str, Any]
+    summary: dict[str, Any]
+    strategy_stats: StrategyStats
+    cycles_done: int
+    run_seconds: float
+    model_seconds: float
+
+
+async def run_in_process(
+    name: str,
+    guests: Guests,
+    scenario_config: ScenarioConfig,
+    *,
+    settings: PoolSettings | None = None,
+    on_cycle: Callable[[int], None] | None = None,
+    on_start: Callable[[Scenario], None] | None = None,
+) -> InProcessRun:
+    """Provision `name` (pool.provision), run the scenario on it, take the figures.
+    `on_cycle(c)` after each cycle (progress); `on_start(scenario)` once it exists (to
+    install signal handlers that stop it)."""
+    made = provision(name, guests, settings)
+    guest, strategy = made.guest, made.strategy
+    client = InProcessClient(strategy, owner="hv_netvsc")
+    host = HyperVHost(guest, owns=client.owns)
+    recorder = SeriesRecorder(guest, client, made.baseline, on_cycle)
+    scenario = Scenario(
+        scenario_config,
+        client,
+        host,
+        guest=guest,
+        maintain=client.maintain,
+        on_cycle=recorder,
+    )
+    if on_start is not None:
+        on_start(scenario)
+    await scenario.start()
+    run_start = recorder.begin()
+    setup = run_start - made.baseline
+    t0 = time.perf_counter()
+    await scenario.run()
+    run_seconds = time.perf_counter() - t0
+    run = guest.stats.snapshot() - run_start
+    hz = guest.hazards()
+    sst = strategy.stats()
+    shared_pages = (
+        int((guest.platform.state == PAGE_SHARED).sum()) if guest.platform.encrypts else 0
+    )
+    cs = client.stats
+    result = {
+        "allocations": cs.allocations,
+        "failures": cs.failures,
+        "failure_reasons": dict(sorted(cs.failure_reasons.items())),
+        "setup": setup.as_compare_json(),
+        "run": run.as_compare_json(),
+        "end_state": {
+            "direct_map_bytes": guest.direct_map.bytes_by_size(),
+            "hazard_pages": hz.as_json(),
+            "shared_bytes": shared_pages * PAGE_SIZE,
+            "leaked_bytes": sst.leaked_bytes,
+            "unknown_state_bytes": hz.unknown_state_pages * PAGE_SIZE,
+            "strategy_size_bytes": sst.size_bytes,
+            "devices_up": sum(1 for d in scenario.devices if d is not None and d.state == "up"),
+        },
+        "alloc_latency_seconds": {**cs.latency_percentiles(), "samples": len(cs.latencies)},
+        "series": recorder.series,
+        "driver": scenario.stats.as_json(),
+        "host": host.stats.as_json(),
+        "events": dict(sorted(scenario.events.items())),
+    }
+    summary = scenario.summary()
+    result["buffer_checks"] = buffer_checks(strategy)  # after every figure above is taken
+    model = made.setup_seconds + sum(cs.latencies) + cs.free_seconds + scenario.model_seconds
+    return InProcessRun(result, summary, sst, scenario.cycles_done, run_seconds, model)
