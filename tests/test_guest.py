@@ -205,3 +205,19 @@ def test_demo_command_prints_the_report():
         timeout=60,
     )
     assert bad.returncode == 2 and "not a size" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_hazard_report_serialises_every_kind():
+    """as_json names every kind a report counts (the metric's `kind` labels), unknown_state
+    included: no caller adds one back by hand."""
+    from pool.guest.hazards import REPORT_KINDS, HazardReport
+
+    report = HazardReport(
+        private_alias_to_shared=1, shared_alias_to_private=2, unknown_state_pages=3
+    )
+    assert report.as_json() == {
+        "private_alias_to_shared": 1,
+        "shared_alias_to_private": 2,
+        "unknown_state": 3,
+    }
+    assert tuple(report.as_json()) == REPORT_KINDS
