@@ -6,7 +6,7 @@ Prints throughput, alloc and free latency percentiles (p50, p99) and the answers
                                    [--synchronous normal|full] [--guest-memory 1GiB]
                                    [--pool-max 256MiB] [--json]
 
-The daemon runs the small pristine guest of the tests (tests/test_daemon_support.SMALL)
+The daemon runs the small pristine guest of the tests (tests/support/daemons.SMALL)
 with the flags given here on top; a 503 pool-exhausted (or conversion-failed) is a designed
 answer and counted apart; any other error makes the exit status 1. Everything binds to a
 temporary Unix socket; the loop is bounded by --cycles.
@@ -27,7 +27,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-from daemon_harness import (  # noqa: E402
+from support.harness import (  # noqa: E402
     ClientState,
     LoadStats,
     client_worker,

@@ -38,7 +38,7 @@ import aiohttp
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-from daemon_harness import (  # noqa: E402
+from support.harness import (  # noqa: E402
     ADMIN_TOKEN,
     CONNECTION_ERRORS,
     ClientState,

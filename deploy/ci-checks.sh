@@ -8,7 +8,7 @@
 #   systemd-analyze security --offline: exposure of the service at most 2.0
 #
 # Installs Debian's `prometheus` (promtool, and the prometheus binary that
-# tests/deploy/prom_server.py starts) and `systemd` (systemd-analyze) when they
+# tests/support/prom_server.py starts) and `systemd` (systemd-analyze) when they
 # are missing. Runs every check, then exits non-zero if any failed.
 #
 # systemd-analyze verify refuses a unit whose ExecStart binary does not exist,

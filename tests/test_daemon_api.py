@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_daemon_support import ADMIN_TOKEN, Checked, register, running_app, small_config
+from support.daemons import ADMIN_TOKEN, Checked, register, running_app, small_config
 
 from daemon.engine import Service
 

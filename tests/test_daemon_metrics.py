@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
-from test_daemon_support import ADMIN_TOKEN, auth, register, running_app, small_config
+from support.daemons import ADMIN_TOKEN, auth, register, running_app, small_config
 
 # DESIGN.md section 4: exposed name -> (type, labels). (The info metric is exposed in the
 # text format as a gauge named *_info.)

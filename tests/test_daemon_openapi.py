@@ -9,7 +9,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from test_daemon_support import load_openapi, small_config
+from support.daemons import load_openapi, small_config
 
 from daemon.app import create_app
 from daemon.problems import PREFIX, PROBLEMS

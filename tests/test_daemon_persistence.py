@@ -12,7 +12,7 @@ from typing import Any
 
 import attrs
 import pytest
-from test_daemon_support import small_config
+from support.daemons import small_config
 
 from daemon.config import Config
 from daemon.engine import RestoreError, Service

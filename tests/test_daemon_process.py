@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_daemon_support import ADMIN_TOKEN, ROOT, Daemon
+from support.daemons import ADMIN_TOKEN, ROOT, Daemon
 
 from daemon.client import ApiError, SharedPoolClient
 
@@ -187,7 +187,7 @@ async def test_systemd_notify_and_socket_activation(tmp_path: Path) -> None:
     listener.bind(str(path))
     listener.listen(16)
     state = tmp_path / "state"
-    from test_daemon_support import SMALL, _flag
+    from support.daemons import SMALL, _flag
 
     flags = [
         a for k, v in SMALL.items() if k != "daemon.admin_token" for a in (f"--{_flag(k)}", str(v))

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from daemon_harness import (
+from support.harness import (
     ADMIN_TOKEN,
     ClientState,
     Daemon,

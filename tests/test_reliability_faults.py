@@ -25,7 +25,7 @@ from typing import Any, cast
 import attrs
 import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
-from test_daemon_support import ADMIN_TOKEN, Checked, register, running_app, small_config
+from support.daemons import ADMIN_TOKEN, Checked, register, running_app, small_config
 
 from daemon import keys
 from daemon.engine import Service

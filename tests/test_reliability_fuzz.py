@@ -34,9 +34,9 @@ from typing import Any
 
 import pytest
 import schemathesis
-from daemon_harness import ADMIN_TOKEN, Daemon, spawn
 from hypothesis import HealthCheck, settings
 from schemathesis.specs.openapi.checks import positive_data_acceptance
+from support.harness import ADMIN_TOKEN, Daemon, spawn
 
 from daemon.client import SharedPoolClient
 

@@ -11,7 +11,7 @@ import asyncio
 import random
 from pathlib import Path
 
-from daemon_harness import (
+from support.harness import (
     ADMIN_TOKEN,
     ClientState,
     LoadStats,

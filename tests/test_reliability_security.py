@@ -34,8 +34,8 @@ import stat
 from pathlib import Path
 from typing import Any
 
-from daemon_harness import ADMIN_TOKEN, spawn
-from test_daemon_support import Checked, register, running_app, small_config
+from support.daemons import Checked, register, running_app, small_config
+from support.harness import ADMIN_TOKEN, spawn
 
 from daemon.client import ApiError, SharedPoolClient
 

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from daemon_harness import ADMIN_TOKEN, ROOT, spawn
+from support.harness import ADMIN_TOKEN, ROOT, spawn
 
 from daemon.client import SharedPoolClient
 

@@ -88,7 +88,7 @@ def test_the_lint_catches_what_it_is_for() -> None:
     good = (
         'SECTIONS = ("guest", "pool", "faults", "daemon")',
         'p.add_argument("--strategy", default=DEFAULT_STRATEGY, help="default pool")',
-        'x = SPECS[name].costly',
+        "x = SPECS[name].costly",
         '"""The pool strategy (swiotlb, atomic-pool) docs."""',
     )
     for source in good:

@@ -148,7 +148,7 @@ def test_compare_table(capsys):
 @pytest.fixture
 def daemon(tmp_path):
     sys.path.insert(0, str(ROOT / "tests"))
-    from test_daemon_support import Daemon
+    from support.daemons import Daemon
 
     d = Daemon(tmp_path, "--pool-max", "512MiB", "--max-buffer", "32MiB", tcp=False)
     try:
@@ -161,7 +161,7 @@ def daemon(tmp_path):
 def _daemon_buffers(d) -> int:
     import asyncio
 
-    from test_daemon_support import ADMIN_TOKEN
+    from support.daemons import ADMIN_TOKEN
 
     from daemon.client import SharedPoolClient
 

@@ -1,20 +1,20 @@
 """Shared facts for the tests of deploy/ (a package-less test directory).
 
 What the daemon exports is read from the real daemon: the session fixture
-`live_scrape` starts sharedpoold (sharedpoold_proc.py: 127.0.0.1, a temporary
+`live_scrape` starts sharedpoold (support/sharedpoold_proc.py: 127.0.0.1, a temporary
 state directory, a pristine 8 GiB guest so that every zone exists), GETs
 /metrics once and parses it with prometheus_client's parser. The fixtures
 derived from it (`exported_labels`, `exported_series`, `exported_families`,
 `exported_label_values`) are what test_promql_names.py checks the dashboard and
 the rules against.
 
-CONTRACT_METRICS (metrics_contract.py) is DESIGN.md section 4 written out by
+CONTRACT_METRICS (support/metrics_contract.py) is DESIGN.md section 4 written out by
 hand: the reference the live scrape must cover (test_live_metrics.py), not the
 source of the names.
 
 Test modules never `import conftest` (ambiguous when tests/ has a conftest.py
-too): they take these facts from fixtures, paths from deploy_paths.py, and the
-contract's types from metrics_contract.py.
+too): they take these facts from fixtures, paths from support/deploy_paths.py, and the
+contract's types from support/metrics_contract.py.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from __future__ import annotations
 import shutil
 
 import pytest
-from metrics_contract import (
+from support.metrics_contract import (
     CONTRACT_LABEL_VALUES,
     CONTRACT_METRICS,
     PROMETHEUS_SYNTHETIC_SERIES,
@@ -32,7 +32,7 @@ from metrics_contract import (
     family_series,
     parse_exposition,
 )
-from sharedpoold_proc import SCRAPE_CONFIG, running_sharedpoold
+from support.sharedpoold_proc import SCRAPE_CONFIG, running_sharedpoold
 
 
 @pytest.fixture(scope="session")

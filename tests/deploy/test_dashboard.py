@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 import yaml
-from deploy_paths import DASHBOARD_JSON, DASHBOARD_SCRIPT, GRAFANA_DIR
+from support.deploy_paths import DASHBOARD_JSON, DASHBOARD_SCRIPT, GRAFANA_DIR
 
 REGENERATE = ".venv/bin/python deploy/grafana/dashboard.py"
 

@@ -16,8 +16,8 @@ from typing import Any
 
 import pytest
 import yaml
-from deploy_paths import COMPOSE_FILE, DOCKERFILE, K8S_DIR, SYSTEMD_DIR
-from sharedpoold_proc import REPO_ROOT, sharedpoold_command
+from support.deploy_paths import COMPOSE_FILE, DOCKERFILE, K8S_DIR, SYSTEMD_DIR
+from support.sharedpoold_proc import REPO_ROOT, sharedpoold_command
 
 
 def _dockerfile_cmd() -> list[str]:

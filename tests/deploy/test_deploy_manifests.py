@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 import yaml
-from deploy_paths import (
+from support.deploy_paths import (
     COMPOSE_FILE,
     DEPLOY,
     DOCKERFILE,

@@ -9,7 +9,7 @@ from __future__ import annotations
 import subprocess
 
 import yaml
-from deploy_paths import PROMETHEUS_CONFIG, PROMETHEUS_DIR, REPO_ROOT
+from support.deploy_paths import PROMETHEUS_CONFIG, PROMETHEUS_DIR, REPO_ROOT
 
 RULES = sorted((PROMETHEUS_DIR / "rules").glob("*.yml"))
 RULE_TESTS = sorted((PROMETHEUS_DIR / "tests").glob("*.yml"))

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from deploy_paths import SYSTEMD_DIR
+from support.deploy_paths import SYSTEMD_DIR
 
 SERVICE = SYSTEMD_DIR / "sharedpoold.service"
 SOCKET = SYSTEMD_DIR / "sharedpoold.socket"

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 
-from metrics_contract import LiveScrape, Metric, contract_series_names
+from support.metrics_contract import LiveScrape, Metric, contract_series_names
 
 # The text format has no info type: prometheus_client exposes an Info as a gauge
 # named <name>_info with the info in labels.

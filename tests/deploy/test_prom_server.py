@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from prom_server import (
+from support.prom_server import (
     DEFAULT_CONFIG,
     find_binary,
     prometheus_server,

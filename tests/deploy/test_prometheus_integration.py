@@ -39,9 +39,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from metrics_contract import CONTRACT_METRICS, contract_series_names, parse_exposition
-from prom_server import PrometheusServer, find_binary, prometheus_server
-from sharedpoold_proc import REPO_ROOT, SMALL_CONFIG, Sharedpoold, running_sharedpoold
+from support.metrics_contract import CONTRACT_METRICS, contract_series_names, parse_exposition
+from support.prom_server import PrometheusServer, find_binary, prometheus_server
+from support.sharedpoold_proc import REPO_ROOT, SMALL_CONFIG, Sharedpoold, running_sharedpoold
 
 from daemon.client import ApiError, SharedPoolClient
 

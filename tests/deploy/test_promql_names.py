@@ -23,7 +23,7 @@ from typing import Any
 import promql_parser
 import pytest
 import yaml
-from deploy_paths import DASHBOARD_JSON, PROMETHEUS_DIR
+from support.deploy_paths import DASHBOARD_JSON, PROMETHEUS_DIR
 
 RULE_FILES = sorted((PROMETHEUS_DIR / "rules").glob("*.yml"))
 

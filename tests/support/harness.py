@@ -3,7 +3,7 @@ soak benchmarks (bench/load.py, bench/soak.py): a spawned daemon with extra sett
 client worker that keeps an exact record of what the daemon acknowledged, the check that a
 restarted daemon still holds every acknowledged buffer, and /proc sampling.
 
-No tests here. The spawned daemon itself is tests/test_daemon_support.Daemon (the small
+No tests here. The spawned daemon itself is tests/support/daemons.Daemon (the small
 pristine guest of SMALL, a temporary Unix socket and 127.0.0.1:0); this module only adds
 a TOML file for the settings that have no flag.
 """
@@ -21,9 +21,9 @@ from typing import Any
 
 import aiohttp
 import attrs
-from test_daemon_support import ADMIN_TOKEN, ROOT, SMALL, Daemon
 
 from daemon.client import ApiError, SharedPoolClient
+from support.daemons import ADMIN_TOKEN, ROOT, SMALL, Daemon
 
 __all__ = [
     "ADMIN_TOKEN",
@@ -85,7 +85,7 @@ def write_toml(path: Path, daemon: Mapping[str, Any]) -> Path:
 
 
 def spawn(tmp: Path, *args: str, daemon_toml: Mapping[str, Any] | None = None, **kw: Any) -> Daemon:
-    """test_daemon_support.Daemon, with an optional [daemon] TOML file. Flags given in `args`
+    """support.daemons.Daemon, with an optional [daemon] TOML file. Flags given in `args`
     override SMALL's (argparse keeps the last)."""
     tmp.mkdir(parents=True, exist_ok=True)
     extra: list[str] = []

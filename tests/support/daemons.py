@@ -21,7 +21,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from daemon.app import create_app
 from daemon.config import Config, load_config
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 ADMIN_TOKEN = "admin-token-0123456789abcdef"
 
 # A small, quick guest: builds in ~0.1 s.
