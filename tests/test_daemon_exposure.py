@@ -21,7 +21,7 @@ from typing import Any
 
 import aiohttp
 import pytest
-from test_daemon_support import ROOT, Daemon, load_openapi
+from support.daemons import ROOT, Daemon, load_openapi
 
 from daemon.config import default_state_dir, default_unix_socket
 
