@@ -11,7 +11,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from test_daemon_support import Daemon
+from support.daemons import Daemon
 
 from daemon.connections import ConnectionGuard, RateLimitedLog
 

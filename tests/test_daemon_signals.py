@@ -9,7 +9,7 @@ import socket
 import time
 from pathlib import Path
 
-from test_daemon_support import Daemon
+from support.daemons import Daemon
 
 
 def _wait_for(d: Daemon, text: str, timeout: float = 10) -> None:
