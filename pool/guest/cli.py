@@ -24,15 +24,7 @@ from pool.guest.procfs import read_host, zoneinfo_layout
 from pool.guest.ptdump import DEFAULT_PAGE_OFFSET, format_ptdump, parse_ptdump
 from pool.guest.replay import parse_changes, render_replay, replay, replay_json
 from pool.guest.report import render
-from pool.guest.units import PAGE_SHIFT, GiB, format_size, parse_size
-
-
-def size_arg(text: str) -> int:
-    """argparse type for sizes: the parse error becomes the usage message, not a traceback."""
-    try:
-        return parse_size(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+from pool.guest.units import PAGE_SHIFT, GiB, format_size
 
 
 def progress_printer(label: str) -> Callable[[int, int], None]:
@@ -58,7 +50,7 @@ def _demo(args: argparse.Namespace) -> int:
     print(
         render(
             guest.report(),
-            f"pristine {args.guest_memory >> 30} GiB {args.platform} guest (seed {args.seed})",
+            f"pristine {format_size(args.guest_memory)} {args.platform} guest (seed {args.seed})",
         )
     )
     guest.age(args.age_steps, progress_printer("aging"))
