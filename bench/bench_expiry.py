@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import statistics
 import sys
 import tempfile
@@ -86,6 +87,7 @@ def main() -> int:
     parser.add_argument("--buffers", type=int, default=650)
     parser.add_argument("--runs", type=int, default=3)
     args = parser.parse_args()
+    logging.getLogger("sharedpoold").setLevel(logging.ERROR)  # one 'lease expired' per client
     batched = engine.EXPIRY_BATCH_BUFFERS
     out: dict[str, list[tuple[float, float]]] = {"batched": [], "one go (baseline)": []}
     with tempfile.TemporaryDirectory(prefix="bench-expiry-") as tmp:
