@@ -235,6 +235,13 @@ class Guest:
             )
         self.allocator = allocator
         self.churn = Churn(self.allocator, config.seed, config.churn)
+        self.hazard_counts = hazards.HazardCounts.recount(self)
+
+    def __setstate__(self, state: dict[str, object]) -> None:
+        """Unpickle, also a guest pickled (in a daemon snapshot) before it kept hazard counts."""
+        self.__dict__.update(state)
+        if "hazard_counts" not in state:
+            self.hazard_counts = hazards.HazardCounts.recount(self)
 
     def _boot_split_pfns(
         self, ram: list[tuple[int, int]], reserved: list[tuple[int, int]]
@@ -340,29 +347,38 @@ class Guest:
             self.stats, self.costs, self.platform, npages, to_shared, hypercalls, change_tables
         )
 
+    def _convert_range(self, pfn: int, npages: int, attr: int) -> ConversionResult:
+        """set_memory_{de,en}crypted() on a direct-map range: one MapGPA for the range; the
+        hazard counts follow the range's pages."""
+        sel = slice(pfn, pfn + npages)
+        before = self.hazard_counts.before(self, sel)
+        try:
+            return self._convert(
+                npages,
+                attr == SHARED,
+                lambda ts: self.platform.convert([(pfn, npages)], ts),
+                lambda: self.direct_map.set_range(pfn, npages, attr),
+            )
+        finally:
+            self.hazard_counts.after(self, sel, before)
+
     def set_memory_decrypted(self, pfn: int, npages: int) -> ConversionResult:
         """set_memory_decrypted() on a direct-map range: one MapGPA for the contiguous range."""
-        return self._convert(
-            npages,
-            True,
-            lambda ts: self.platform.convert([(pfn, npages)], ts),
-            lambda: self.direct_map.set_range(pfn, npages, SHARED),
-        )
+        return self._convert_range(pfn, npages, SHARED)
 
     def set_memory_encrypted(self, pfn: int, npages: int) -> ConversionResult:
-        return self._convert(
-            npages,
-            False,
-            lambda ts: self.platform.convert([(pfn, npages)], ts),
-            lambda: self.direct_map.set_range(pfn, npages, PRIVATE),
-        )
+        return self._convert_range(pfn, npages, PRIVATE)
 
     def vmap(self, pfns: npt.NDArray[np.int64], shared: bool) -> VmArea:
         """Map pages into the vmalloc space (vmap with pgprot_decrypted when shared)."""
-        return self.vmalloc.map(pfns, SHARED if shared else PRIVATE)
+        area = self.vmalloc.map(pfns, SHARED if shared else PRIVATE)
+        self.hazard_counts.mapped(self, area.pfns, area.attr)
+        return area
 
     def vunmap(self, area: VmArea) -> None:
+        current = self.vmalloc.areas.get(area.id, area)  # `area` may predate an attr change
         self.vmalloc.unmap(area)
+        self.hazard_counts.unmapped(self, current.pfns, current.attr)
 
     def _set_vmalloc(self, area: VmArea, attr: int, alias: bool) -> tuple[VmArea, ConversionResult]:
         holder: list[VmArea] = []
@@ -373,12 +389,20 @@ class Guest:
 
         # vmalloc addresses are converted page by page (tdx_enc_status_changed);
         # SNP batches them into page-state-change requests anyway
-        result = self._convert(
-            area.npages,
-            attr == SHARED,
-            lambda ts: self.platform.convert_pages(area.pfns, ts),
-            tables,
-        )
+        pages = np.unique(area.pfns)
+        old_attr = self.vmalloc.areas[area.id].attr if area.id in self.vmalloc.areas else area.attr
+        before = self.hazard_counts.before(self, pages)
+        try:
+            result = self._convert(
+                area.npages,
+                attr == SHARED,
+                lambda ts: self.platform.convert_pages(area.pfns, ts),
+                tables,
+            )
+        finally:
+            if holder:
+                self.hazard_counts.remap(area.pfns, old_attr, attr)
+            self.hazard_counts.after(self, pages, before)
         return (holder[0] if holder else self.vmalloc.areas.get(area.id, area)), result
 
     def set_vmalloc_decrypted(
@@ -397,7 +421,8 @@ class Guest:
     # ---- reading ----------------------------------------------------------------
 
     def hazards(self) -> hazards.HazardReport:
-        return hazards.check(self)
+        """The hazard counts, kept as pages change (hazards.HazardCounts): no scan."""
+        return self.hazard_counts.report()
 
     def zone_reports(self) -> tuple[ZoneReport, ...]:
         out = []
@@ -442,6 +467,9 @@ class Guest:
             )
         for area in self.vmalloc:
             assert not free[area.pfns].any(), f"vmalloc area {area.id} maps a free page"
+        assert self.hazards() == hazards.check(self), (
+            f"hazard counts drifted: kept {self.hazards()}, scan {hazards.check(self)}"
+        )
         s = self.stats
         assert s.direct_map_level2_splits == self.direct_map.level2_splits
         assert s.direct_map_level3_splits == self.direct_map.level3_splits
@@ -462,4 +490,5 @@ class Guest:
         other.zones = self.zones
         other.allocator = self.allocator.clone()
         other.churn = self.churn.clone(other.allocator)
+        other.hazard_counts = self.hazard_counts.clone()
         return other
