@@ -9,7 +9,7 @@ apart: whatever maps them, they must never be reused.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import attrs
 import numpy as np
@@ -197,9 +197,9 @@ class HazardCounts:
             dst[nz] = src[nz]
         return other
 
-    def __getstate__(self) -> dict[str, object]:
+    def __getstate__(self) -> dict[str, Any]:
         """Pickled sparse (daemon snapshots): the mapped pages only, not two arrays per pfn."""
-        out: dict[str, object] = {
+        out: dict[str, Any] = {
             "n": len(self.vm_private),
             "counts": (self.fatal, self.benign, self.unknown),
         }
@@ -209,11 +209,9 @@ class HazardCounts:
             out[name] = (nz, arr[nz])
         return out
 
-    def __setstate__(self, state: dict[str, object]) -> None:
-        n = state["n"]
-        assert isinstance(n, int)
-        self.__init__(n)  # type: ignore[misc]
-        self.fatal, self.benign, self.unknown = state["counts"]  # type: ignore[misc]
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        HazardCounts.__init__(self, int(state["n"]))
+        self.fatal, self.benign, self.unknown = state["counts"]
         for name in ("vm_private", "vm_shared"):
-            nz, values = state[name]  # type: ignore[misc]
+            nz, values = state[name]
             getattr(self, name)[nz] = values
