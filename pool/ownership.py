@@ -57,6 +57,7 @@ class Ledger:
         "_added",
         "_by_id",
         "_failure_reasons",
+        "_in_id_order",
         "_next",
         "allocations",
         "failures",
@@ -67,6 +68,9 @@ class Ledger:
 
     def __init__(self, first_id: int = 1) -> None:
         self._by_id: dict[int, Buffer] = {}
+        # True while _by_id's insertion order is id order (ids from next_id() only grow), so
+        # buffers() need not sort: sorting 100k live buffers per call took 8.5 ms.
+        self._in_id_order = True
         # Every id ever added, as sorted disjoint [start, end) runs: "freed" is "added and not
         # live". Ids come from a counter, so this stays a handful of runs however many buffers
         # come and go (a set of freed ids grew by ~70 bytes per free, for the ledger's life,
@@ -101,6 +105,8 @@ class Ledger:
         self._mark_added(bid)
         if bid >= self._next:  # an id not from next_id(): keep the counter ahead of it
             self._next = bid + 1
+        if self._by_id and bid < next(reversed(self._by_id)):
+            self._in_id_order = False
         self._by_id[bid] = buffer
         self.allocations += 1
         self.used_pages += buffer.npages
@@ -164,6 +170,8 @@ class Ledger:
         freed = values.pop("_freed", None)
         for key, value in values.items():
             setattr(self, key, value)
+        ids = list(self._by_id)
+        self._in_id_order = ids == sorted(ids)
         if freed is not None:
             self._added = []
             for bid in sorted(set(freed) | set(self._by_id)):
@@ -171,10 +179,19 @@ class Ledger:
 
     def buffers(self, owner: str | None = None) -> list[Buffer]:
         """Live buffers (of `owner`, or all), in id order."""
-        bufs = sorted(self._by_id.values(), key=lambda b: b.id)
+        if self._in_id_order:
+            bufs = list(self._by_id.values())
+        else:
+            bufs = sorted(self._by_id.values(), key=lambda b: b.id)
         if owner is None:
             return bufs
         return [b for b in bufs if b.owner == owner]
+
+    def count(self, owner: str | None = None) -> int:
+        """How many live buffers (of `owner`, or all): a count, without building the list."""
+        if owner is None:
+            return len(self._by_id)
+        return sum(1 for b in self._by_id.values() if b.owner == owner)
 
     def owners(self) -> set[str]:
         return {b.owner for b in self._by_id.values()}
@@ -235,6 +252,8 @@ class Ledger:
         runs = self._added
         assert all(a[1] < b[0] for a, b in itertools.pairwise(runs)), "id runs overlap"
         assert all(bid == b.id for bid, b in self._by_id.items()), "a buffer under a wrong id"
+        ids = list(self._by_id)
+        assert not self._in_id_order or ids == sorted(ids), "ledger claims id order wrongly"
         assert self.allocations - self.frees == len(bufs), "allocations - frees != live buffers"
         assert self.failures == sum(self._failure_reasons.values()), "failure counts drifted"
         if disjoint and bufs:
