@@ -15,9 +15,11 @@ times; the table quotes min/median/max of req/s, the median p50/p99 latency, and
 ratio daemon/trivial of each pair. Targets (issue 15): ratio >= 0.5 at 32 connections,
 daemon p99 < 5 ms at 8 connections, /metrics < 1 ms on a 64 GiB guest.
 
-Is the baseline the bottleneck? Beside each trivial run the CPU time the trivial server
-and wrk used (from /proc) is printed as a share of one core: the trivial server near
-100 % and wrk well below means the server, not the load generator, set the pace.
+Is the baseline the bottleneck? Beside each run the CPU time the server and wrk used (from
+/proc and rusage) is printed as a share of one core: the trivial server near 100 % and wrk
+well below means the server, not the load generator, set the pace. "CPU us/req" (server
+CPU time per request) stays meaningful when other work on the machine keeps a server
+below a full core, where req/s and the ratio do not.
 
 Scrape cost: /metrics, unauthenticated GET /v1/pool and /healthz (the baseline) are each
 driven by wrk at one connection; their p50 is the per-call latency a scraper sees.
@@ -322,7 +324,7 @@ def main() -> int:
     )
     print("req/s and ratio: min/median/max; p50/p99: median of the runs, ms")
     head = f"{'conns':>5} {'server':<12}{'req/s':>22}{'p50 ms':>8}{'p99 ms':>8}{'errors':>7}"
-    print(head + f"{'server CPU':>11}{'wrk CPU':>8}")
+    print(head + f"{'server CPU':>11}{'CPU us/req':>11}{'wrk CPU':>8}")
     verdicts: list[str] = []
     for c, by in rows.items():
         for name, runs in by.items():
@@ -332,9 +334,10 @@ def main() -> int:
             errs = sum(r["errors"] + r["non2xx"] for r in runs)
             cpu = statistics.median(r["server_cpu_share"] for r in runs)
             wcpu = statistics.median(r["wrk_cpu_share"] for r in runs)
+            per_req = statistics.median(r["server_cpu_share"] / r["rps"] * 1e6 for r in runs)
             print(
                 f"{c:>5} {name:<12}{_mmm(rps, ',.0f'):>22}{p50:>8.2f}{p99:>8.2f}{errs:>7}"
-                f"{cpu:>10.0%}{wcpu:>8.0%}"
+                f"{cpu:>10.0%}{per_req:>11.0f}{wcpu:>8.0%}"
             )
         ratios = [
             d["rps"] / t["rps"] for t, d in zip(by["trivial"], by["sharedpoold"], strict=True)
