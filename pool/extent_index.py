@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import bisect
 from collections.abc import Iterator
-from typing import Protocol
+from typing import Any, Protocol
 
 from pool.guest.units import MAX_PAGE_ORDER
 
 SLOTS = 1 << MAX_PAGE_ORDER  # largest extents 1 .. 1024 pages -> leaves 0 .. 1023
-_NONE = (1 << 62, 1 << 62)  # the key of an empty bucket
+_SEQ_BITS = 40
+_SEQ_MASK = (1 << _SEQ_BITS) - 1
+_NONE = 1 << 62  # the key of an empty bucket; a key is free_pages << 40 | entry number
 
 
 class Indexed(Protocol):
@@ -40,8 +42,8 @@ class ExtentIndex:
     __slots__ = ("_buckets", "_by_seq", "_entry", "_next_seq", "_tree")
 
     def __init__(self) -> None:
-        self._buckets: list[list[tuple[int, int]]] = [[] for _ in range(SLOTS)]
-        self._tree: list[tuple[int, int]] = [_NONE] * (2 * SLOTS)
+        self._buckets: list[list[int]] = [[] for _ in range(SLOTS)]
+        self._tree: list[int] = [_NONE] * (2 * SLOTS)
         self._by_seq: dict[int, Indexed] = {}  # entry number -> chunk, in entry order
         self._entry: dict[int, tuple[int, int, int]] = {}  # pfn -> (seq, largest, free)
         self._next_seq = 0
@@ -72,7 +74,7 @@ class ExtentIndex:
             tree[i] = m
             i >>= 1
 
-    def _min_from(self, slot: int) -> tuple[int, int]:
+    def _min_from(self, slot: int) -> int:
         """The smallest key over leaves [slot, SLOTS)."""
         tree = self._tree
         best = _NONE
@@ -106,13 +108,18 @@ class ExtentIndex:
         if not 0 < largest <= SLOTS:
             raise ValueError(f"chunk {chunk.pfn:#x}: largest extent {largest} out of range")
         self._entry[chunk.pfn] = (seq, largest, free)
-        bisect.insort(self._buckets[largest - 1], (free, seq))
-        self._set_leaf(largest - 1)
+        key = free << _SEQ_BITS | seq
+        bucket = self._buckets[largest - 1]
+        if not bucket or key < bucket[0]:
+            bucket.insert(0, key)
+            self._set_leaf(largest - 1)
+        else:
+            bisect.insort(bucket, key)
 
     def _delete(self, pfn: int) -> int:
         seq, largest, free = self._entry.pop(pfn)
         bucket = self._buckets[largest - 1]
-        i = bisect.bisect_left(bucket, (free, seq))
+        i = bisect.bisect_left(bucket, free << _SEQ_BITS | seq)
         del bucket[i]
         if i == 0:
             self._set_leaf(largest - 1)
@@ -138,7 +145,7 @@ class ExtentIndex:
         if not 0 < npages <= SLOTS:
             return None
         key = self._min_from(npages - 1)
-        return None if key == _NONE else self._by_seq[key[1]]
+        return None if key == _NONE else self._by_seq[key & _SEQ_MASK]
 
     def largest(self) -> int:
         """The largest free extent of any partial chunk (0: none): the highest non-empty
@@ -173,3 +180,49 @@ class ExtentIndex:
             fits = [c for c in partial if c.largest >= n]
             want = min(fits, key=lambda c: c.free_pages) if fits else None  # first minimum
             assert self.best_fit(n) is want, f"best fit for {n} pages differs from a scan"
+
+
+class ScanIndex:
+    """The bookkeeping ExtentIndex replaced, kept as its reference: a list in the order
+    chunks became partial, scanned on every query with each chunk's largest extent
+    recomputed from its extents (O(partial chunks x extents)). The differential test in
+    tests/test_shared_pool.py and bench/bench_pool.py's "before" figures plug it into a
+    SharedPool in place of the index."""
+
+    def __init__(self) -> None:
+        self.chunks: list[Any] = []
+
+    def add(self, chunk: Any) -> None:
+        self.chunks.append(chunk)
+
+    def remove(self, chunk: Any) -> None:
+        self.chunks.remove(chunk)
+
+    def update(self, chunk: Any) -> None:
+        """Nothing to do: the scan reads the chunks as they are."""
+
+    def best_fit(self, npages: int) -> Any:
+        best = None
+        for c in self.chunks:  # fullest partial chunk that fits, the first of equals
+            if (
+                c.free_pages >= npages
+                and (best is None or c.free_pages < best.free_pages)
+                and c.largest_extent() >= npages
+            ):
+                best = c
+        return best
+
+    def largest(self) -> int:
+        return max((int(c.largest_extent()) for c in self.chunks), default=0)
+
+    def __len__(self) -> int:
+        return len(self.chunks)
+
+    def __contains__(self, chunk: Any) -> bool:
+        return chunk in self.chunks
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(list(self.chunks))
+
+    def check(self, partial: list[Any]) -> None:
+        assert partial == self.chunks

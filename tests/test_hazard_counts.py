@@ -120,6 +120,17 @@ class HazardCountMachine(RuleBasedStateMachine):
         else:
             self.g.set_memory_encrypted(start, n)
 
+    @rule(n=st.integers(1, 5), keep=st.integers(0, 5), shared=st.booleans(), data=st.data())
+    def burst(self, n: int, keep: int, shared: bool, data: st.DataObject) -> None:
+        """Several mappings between two readings (the counts apply them lazily): some cancel
+        out before anything reads them, some areas mapped earlier go too."""
+        made = [self.vmap(2, shared, dup=False) for _ in range(n)]
+        for area in made[keep:]:
+            self.vunmap(area)
+        for area in made[:keep]:
+            if data.draw(st.booleans()):
+                self.convert_area(area, data.draw(st.booleans()), data.draw(st.booleans()))
+
     @rule()
     def clone(self) -> None:
         self.g = self.g.clone()

@@ -11,7 +11,8 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 from pool import AllocationError, DoubleFree, NotOwner, UnknownBuffer
 from pool.guest import PAGE_UNKNOWN, FaultPlan, Guest, GuestConfig
 from pool.guest.units import GiB, KiB, MiB
-from pool.shared import Chunk, SharedPool
+from pool.extent_index import ScanIndex
+from pool.shared import SharedPool
 
 
 def guest(**kw) -> Guest:
@@ -369,50 +370,9 @@ PoolMachine.TestCase.settings = settings(
 TestPoolMachine = PoolMachine.TestCase
 
 
-class ScanPartial:
-    """The partial-chunk bookkeeping SharedPool had before ExtentIndex: a list in the order
-    chunks became partial, scanned on every query with each chunk's largest extent
-    recomputed from its extents. The reference of the differential test below."""
-
-    def __init__(self) -> None:
-        self.chunks: list[Chunk] = []
-
-    def add(self, chunk: Chunk) -> None:
-        self.chunks.append(chunk)
-
-    def remove(self, chunk: Chunk) -> None:
-        self.chunks.remove(chunk)
-
-    def update(self, chunk: Chunk) -> None:
-        assert chunk in self.chunks
-
-    def best_fit(self, npages: int) -> Chunk | None:
-        best = None
-        for c in self.chunks:
-            if (
-                c.free_pages >= npages
-                and (best is None or c.free_pages < best.free_pages)
-                and c.largest_extent() >= npages
-            ):
-                best = c
-        return best
-
-    def largest(self) -> int:
-        return max((c.largest_extent() for c in self.chunks), default=0)
-
-    def __len__(self) -> int:
-        return len(self.chunks)
-
-    def __iter__(self):
-        return iter(list(self.chunks))
-
-    def check(self, partial: list[Chunk]) -> None:
-        assert partial == self.chunks
-
-
 class IndexDifferential(RuleBasedStateMachine):
     """The same calls on two pools over two copies of one guest, one with ExtentIndex and
-    one with ScanPartial: every buffer (PFNs, va), refusal and stats() must be identical,
+    one with ScanIndex: every buffer (PFNs, va), refusal and stats() must be identical,
     and the index must equal a recomputation (ExtentIndex.check, in check_invariants)."""
 
     def __init__(self) -> None:
@@ -429,7 +389,7 @@ class IndexDifferential(RuleBasedStateMachine):
         g2 = g.clone()
         self.new = pool(g, **kw)
         self.ref = pool(g2, **kw)
-        self.ref._partial = ScanPartial()
+        self.ref._partial = ScanIndex()
         self.live: dict[int, str] = {}
         self.t = 0.0
 

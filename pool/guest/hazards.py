@@ -95,9 +95,16 @@ class HazardCounts:
     areas map it: two per-page counters (uint16; np.zeros is calloc'd, so only pages ever
     vmapped cost resident memory). An area counts once per page it maps, however often it
     lists the page. Guest.check_invariants compares the counts with a full `check`.
+
+    Mappings are applied lazily: vmap/vunmap only note the area (a dict operation), and an
+    area unmapped before it was applied cancels out; :meth:`flush` applies what is noted
+    before anything reads the counters or changes page states (the counts are a function of
+    the final states, so the order of the noted mappings does not matter). A pool's buffer
+    that comes and goes between two scrapes then costs two dict operations, not four numpy
+    calls on its pages.
     """
 
-    __slots__ = ("benign", "fatal", "unknown", "vm_private", "vm_shared")
+    __slots__ = ("_maps", "_unmaps", "benign", "fatal", "unknown", "vm_private", "vm_shared")
 
     def __init__(self, end_pfn: int) -> None:
         self.fatal = 0
@@ -105,6 +112,8 @@ class HazardCounts:
         self.unknown = 0
         self.vm_private = np.zeros(end_pfn, dtype=np.uint16)
         self.vm_shared = np.zeros(end_pfn, dtype=np.uint16)
+        self._maps: dict[int, tuple[npt.NDArray[np.int64], int]] = {}  # area id -> (pfns, attr)
+        self._unmaps: list[tuple[npt.NDArray[np.int64], int]] = []
 
     @classmethod
     def recount(cls, guest: Guest) -> HazardCounts:
@@ -119,8 +128,29 @@ class HazardCounts:
         hc.unknown = report.unknown_state_pages
         return hc
 
-    def report(self) -> HazardReport:
+    def report(self, guest: Guest) -> HazardReport:
+        self.flush(guest)
         return HazardReport(self.fatal, self.benign, self.unknown)
+
+    def note_map(self, area_id: int, pfns: npt.NDArray[np.int64], attr: int) -> None:
+        """A vmalloc area now maps `pfns` with `attr` (applied at the next flush)."""
+        self._maps[area_id] = (pfns, attr)
+
+    def note_unmap(self, area_id: int, pfns: npt.NDArray[np.int64], attr: int) -> None:
+        """A vmalloc area with `attr` no longer maps `pfns`."""
+        if self._maps.pop(area_id, None) is None:
+            self._unmaps.append((pfns, attr))
+
+    def flush(self, guest: Guest) -> None:
+        """Apply the noted mappings: before counters are read or page states change."""
+        if self._unmaps:
+            unmaps, self._unmaps = self._unmaps, []
+            for pfns, attr in unmaps:
+                self.unmapped(guest, pfns, attr)
+        if self._maps:
+            maps, self._maps = self._maps, {}
+            for pfns, attr in maps.values():
+                self.mapped(guest, pfns, attr)
 
     def _flags(self, guest: Guest, sel: Selection) -> tuple[int, int, int]:
         """(fatal, benign, unknown) pages among `sel` (a slice or unique pfns), as _masks."""
@@ -137,6 +167,7 @@ class HazardCounts:
 
     def before(self, guest: Guest, sel: Selection) -> tuple[int, int, int]:
         """Take the pages' hazards before a change (pass the result to :meth:`after`)."""
+        self.flush(guest)
         return self._flags(guest, sel)
 
     def after(self, guest: Guest, sel: Selection, before: tuple[int, int, int]) -> None:
@@ -189,7 +220,8 @@ class HazardCounts:
             else:
                 self.fatal -= n
 
-    def clone(self) -> HazardCounts:
+    def clone(self, guest: Guest) -> HazardCounts:
+        self.flush(guest)
         other = HazardCounts(len(self.vm_private))
         other.fatal, other.benign, other.unknown = self.fatal, self.benign, self.unknown
         for src, dst in ((self.vm_private, other.vm_private), (self.vm_shared, other.vm_shared)):
@@ -198,10 +230,13 @@ class HazardCounts:
         return other
 
     def __getstate__(self) -> dict[str, Any]:
-        """Pickled sparse (daemon snapshots): the mapped pages only, not two arrays per pfn."""
+        """Pickled sparse (daemon snapshots): the mapped pages only, not two arrays per pfn;
+        noted mappings as they are (Guest.__getstate__ flushes them first)."""
         out: dict[str, Any] = {
             "n": len(self.vm_private),
             "counts": (self.fatal, self.benign, self.unknown),
+            "maps": self._maps,
+            "unmaps": self._unmaps,
         }
         for name in ("vm_private", "vm_shared"):
             arr = getattr(self, name)
@@ -212,6 +247,7 @@ class HazardCounts:
     def __setstate__(self, state: dict[str, Any]) -> None:
         HazardCounts.__init__(self, int(state["n"]))
         self.fatal, self.benign, self.unknown = state["counts"]
+        self._maps, self._unmaps = dict(state.get("maps", {})), list(state.get("unmaps", []))
         for name in ("vm_private", "vm_shared"):
             nz, values = state[name]
             getattr(self, name)[nz] = values

@@ -237,6 +237,13 @@ class Guest:
         self.churn = Churn(self.allocator, config.seed, config.churn)
         self.hazard_counts = hazards.HazardCounts.recount(self)
 
+    def __getstate__(self) -> dict[str, object]:
+        """Pickle with the noted vmalloc mappings applied to the hazard counts."""
+        counts = self.__dict__.get("hazard_counts")
+        if counts is not None:
+            counts.flush(self)
+        return self.__dict__
+
     def __setstate__(self, state: dict[str, object]) -> None:
         """Unpickle, also a guest pickled (in a daemon snapshot) before it kept hazard counts."""
         self.__dict__.update(state)
@@ -372,13 +379,13 @@ class Guest:
     def vmap(self, pfns: npt.NDArray[np.int64], shared: bool) -> VmArea:
         """Map pages into the vmalloc space (vmap with pgprot_decrypted when shared)."""
         area = self.vmalloc.map(pfns, SHARED if shared else PRIVATE)
-        self.hazard_counts.mapped(self, area.pfns, area.attr)
+        self.hazard_counts.note_map(area.id, area.pfns, area.attr)
         return area
 
     def vunmap(self, area: VmArea) -> None:
         current = self.vmalloc.areas.get(area.id, area)  # `area` may predate an attr change
         self.vmalloc.unmap(area)
-        self.hazard_counts.unmapped(self, current.pfns, current.attr)
+        self.hazard_counts.note_unmap(area.id, current.pfns, current.attr)
 
     def _set_vmalloc(self, area: VmArea, attr: int, alias: bool) -> tuple[VmArea, ConversionResult]:
         holder: list[VmArea] = []
@@ -422,7 +429,7 @@ class Guest:
 
     def hazards(self) -> hazards.HazardReport:
         """The hazard counts, kept as pages change (hazards.HazardCounts): no scan."""
-        return self.hazard_counts.report()
+        return self.hazard_counts.report(self)
 
     def zone_reports(self) -> tuple[ZoneReport, ...]:
         out = []
@@ -490,5 +497,5 @@ class Guest:
         other.zones = self.zones
         other.allocator = self.allocator.clone()
         other.churn = self.churn.clone(other.allocator)
-        other.hazard_counts = self.hazard_counts.clone()
+        other.hazard_counts = self.hazard_counts.clone(self)
         return other
