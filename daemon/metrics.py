@@ -296,7 +296,7 @@ class LightHistogram(FamilyCollector):
         b, c, s = self.name + "_bucket", self.name + "_count", self.name + "_sum"
         for value, (counts, total) in self._series.items():
             base: Labels = ((self.label, value),) if self.label else ()
-            acc = 0.0
+            acc = 0  # an int: rendered as prometheus_client renders its float counts
             for le, n in zip(self._le, counts, strict=True):
                 acc += n
                 samples.append((b, (*base, ("le", le)), acc))
@@ -363,11 +363,20 @@ def _go(v: float) -> str:
     return str(floatToGoString(v))  # type: ignore[no-untyped-call]
 
 
+_VALUES: dict[float, str] = {}
+
+
 def _value(v: float) -> str:
-    """floatToGoString, with the common case (a small non-negative integer) first."""
+    """floatToGoString, with the common case (a small non-negative integer) first, and the
+    others cached (byte counts and index fractions repeat from one scrape to the next)."""
     if type(v) is int and 0 <= v < 1_000_000:
         return f"{v}.0"
-    return _go(v)
+    text = _VALUES.get(v) if v else None  # 0.0 and -0.0 are equal keys, not equal texts
+    if text is None:
+        if len(_VALUES) >= 4096:
+            _VALUES.clear()
+        text = _VALUES[v] = _go(v)
+    return text
 
 
 class _Filtered(Collector):

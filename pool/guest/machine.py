@@ -16,6 +16,7 @@ The guest knows nothing of pools: strategies in `pool` call it, never the revers
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Callable, Sequence
 
 import attrs
@@ -140,6 +141,18 @@ class GuestReport:
     direct_map_bytes: dict[str, int]
     counts: Counts
     hazards: hazards.HazardReport
+
+
+@functools.lru_cache(maxsize=512)
+def _zone_report(name: str, nr: tuple[int, ...]) -> ZoneReport:
+    """A zone's report is a pure function of its free-block counts: cached, so a scrape of
+    an unchanged zone does not recompute its 22 indexes (/metrics reads them every time)."""
+    return ZoneReport(
+        name,
+        nr,
+        tuple(fragmentation_index(nr, k) for k in range(NR_ORDERS)),
+        tuple(unusable_free_index(nr, k) for k in range(NR_ORDERS)),
+    )
 
 
 def _subtract(
@@ -432,18 +445,9 @@ class Guest:
         return self.hazard_counts.report(self)
 
     def zone_reports(self) -> tuple[ZoneReport, ...]:
-        out = []
-        for zone in self.zones:
-            nr = self.allocator.nr_free(zone.name)
-            out.append(
-                ZoneReport(
-                    zone.name,
-                    tuple(nr),
-                    tuple(fragmentation_index(nr, k) for k in range(NR_ORDERS)),
-                    tuple(unusable_free_index(nr, k) for k in range(NR_ORDERS)),
-                )
-            )
-        return tuple(out)
+        return tuple(
+            _zone_report(zone.name, self.allocator.nr_free(zone.name)) for zone in self.zones
+        )
 
     def report(self, with_hazards: bool = True) -> GuestReport:
         return GuestReport(
