@@ -232,5 +232,5 @@ def create_metrics_app(main: web.Application) -> web.Application:
     app.cleanup_ctx.append(_sweeper_ctx)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
-    app.router.add_get("/metrics", make_aiohttp_handler(main[keys.METRICS].registry))
+    app.router.add_get("/metrics", main[keys.METRICS].exposition.handler)
     return app
