@@ -9,9 +9,9 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from pool import AllocationError, DoubleFree, NotOwner, UnknownBuffer
+from pool.extent_index import ScanIndex
 from pool.guest import PAGE_UNKNOWN, FaultPlan, Guest, GuestConfig
 from pool.guest.units import GiB, KiB, MiB
-from pool.extent_index import ScanIndex
 from pool.shared import SharedPool
 
 
