@@ -259,6 +259,7 @@ def main() -> int:
     dlog, tlog = tmp / "daemon.log", tmp / "trivial.log"
     daemon_cmd = [sys.executable, "-m", "daemon.cli", "--state-dir", str(tmp / "state")]
     daemon_cmd += ["--listen", f"unix:{tmp / 'd.sock'}", "--listen", "tcp:127.0.0.1:0"]
+    daemon_cmd += ["--allow-anonymous-register"]  # a loopback API listener, for wrk only
     daemon_cmd += ["--synchronous", args.synchronous, "--lease-ttl", "3600"]
     daemon_cmd += ["--guest-memory", args.guest_memory]
     daemon = subprocess.Popen(
