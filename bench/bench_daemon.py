@@ -224,6 +224,16 @@ def _register(url: str) -> str:
     return asyncio.run(go())
 
 
+def _counts(text: str) -> list[int]:
+    try:
+        values = [int(c) for c in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a list of connection counts: {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"connection counts must be >= 1: {text!r}")
+    return values
+
+
 def _mmm(values: list[float], fmt: str) -> str:
     return "/".join(format(v, fmt) for v in (min(values), statistics.median(values), max(values)))
 
@@ -234,7 +244,9 @@ def main() -> int:
     )
     parser.add_argument("--seconds", type=float, default=5.0, help="per wrk run")
     parser.add_argument("--runs", type=int, default=3, help="pairs per connection count")
-    parser.add_argument("--connections", default="1,8,32")
+    parser.add_argument(
+        "--connections", type=_counts, default=[1, 8, 32], help="comma-separated, e.g. 1,8,32"
+    )
     parser.add_argument("--guest-memory", default="64GiB")
     parser.add_argument("--size", type=int, default=64 << 10, help="bytes per allocation")
     parser.add_argument("--synchronous", choices=("full", "normal"), default="full")
@@ -243,7 +255,7 @@ def main() -> int:
     )
     parser.add_argument("--json", action="store_true", help="print the results as JSON too")
     args = parser.parse_args()
-    conns = [int(c) for c in args.connections.split(",")]
+    conns: list[int] = args.connections
     use_wrk = not args.python_load and shutil.which("wrk") is not None
     if not use_wrk:
         print(
@@ -367,5 +379,16 @@ def main() -> int:
     return 0
 
 
+def run() -> int:
+    """main() with a server that cannot start (a bad --guest-memory, say) reported in one
+    line, exit status 2."""
+    try:
+        return main()
+    except (RuntimeError, TimeoutError) as exc:
+        lines = str(exc).strip().splitlines() or [repr(exc)]
+        print(f"bench_daemon: {lines[-1]}", file=sys.stderr)
+        return 2
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run())
