@@ -11,7 +11,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from importlib import resources
 
 from aiohttp import web
-from prometheus_client.aiohttp import make_aiohttp_handler
 
 from daemon import keys, systemd
 from daemon.api import healthz, problem_for, readyz, routes
@@ -229,7 +228,7 @@ def create_app(
     app.cleanup_ctx.append(_background_ctx)
     app.cleanup_ctx.append(_sweeper_ctx)
     app.add_routes(routes)
-    app.router.add_get("/metrics", make_aiohttp_handler(app[keys.METRICS].registry))
+    app.router.add_get("/metrics", app[keys.METRICS].exposition.handler)
     return app
 
 
@@ -249,5 +248,5 @@ def create_metrics_app(main: web.Application) -> web.Application:
     app.cleanup_ctx.append(_sweeper_ctx)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
-    app.router.add_get("/metrics", make_aiohttp_handler(main[keys.METRICS].registry))
+    app.router.add_get("/metrics", main[keys.METRICS].exposition.handler)
     return app

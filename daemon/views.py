@@ -32,14 +32,15 @@ class PoolView:
 
 def pool_view(state: DaemonState, journal_seq: int, snapshot_seq: int) -> PoolView:
     guest = state.guest
+    stats = state.strategy.stats()
     return PoolView(
-        strategy=state.strategy.stats(),
+        strategy=stats,
         platform=guest.config.platform,
         memory_bytes=guest.config.memory_bytes,
         guest=guest.report(),
         daemon=DaemonCounters(
             clients=len(state.clients),
-            buffers=len(state.strategy.buffers()),
+            buffers=stats.buffers,  # a count: buffers() would list (and sort) every one
             reclaimed_buffers=state.reclaimed_buffers,
             journal_seq=journal_seq,
             snapshot_seq=snapshot_seq,

@@ -39,6 +39,7 @@ import itertools
 import attrs
 import numpy as np
 
+from pool.extent_index import ExtentIndex
 from pool.guest import PAGE_SHARED, SHARED, Guest
 from pool.guest.units import MAX_PAGE_ORDER, PAGE_SIZE, PAGES_PER_1G, MiB
 from pool.ownership import Ledger
@@ -55,7 +56,9 @@ CHUNK_ORDERS = (MAX_PAGE_ORDER, MAX_PAGE_ORDER - 1)
 
 @attrs.define(eq=False, slots=True)
 class Chunk:
-    """One decrypted block. `extents` are its free page runs as sorted [offset, length]."""
+    """One decrypted block. `extents` are its free page runs as sorted [offset, length];
+    `largest` is the longest of them, kept as pages are taken and given back (the pool's
+    ExtentIndex files partial chunks under it)."""
 
     pfn: int
     order: int
@@ -64,6 +67,11 @@ class Chunk:
     leaked: bool = False
     boot: bool = False
     free_since: float = 0.0
+    largest: int = -1  # -1: compute from extents
+
+    def __attrs_post_init__(self) -> None:
+        if self.largest < 0:
+            self.largest = self.largest_extent()
 
     @property
     def npages(self) -> int:
@@ -83,16 +91,25 @@ class Chunk:
     def take(self, npages: int) -> int | None:
         """First fit: the pfn of `npages` contiguous free pages, or None."""
         for i, ext in enumerate(self.extents):
-            if ext[1] >= npages:
+            length = ext[1]
+            if length >= npages:
                 start = ext[0]
-                if ext[1] == npages:
+                if length == npages:
                     del self.extents[i]
                 else:
                     ext[0] += npages
                     ext[1] -= npages
                 self.free_pages -= npages
+                if length == self.largest:
+                    self.largest = self.largest_extent()
                 return self.pfn + start
         return None
+
+    def empty(self) -> None:
+        """Every page taken at once (a whole chunk in a scatter list, or leaked)."""
+        self.extents = []
+        self.free_pages = 0
+        self.largest = 0
 
     def give_back(self, pfn: int, npages: int) -> None:
         """Return pages and merge with neighbouring free extents."""
@@ -107,6 +124,9 @@ class Chunk:
         if i > 0 and exts[i - 1][0] + exts[i - 1][1] == off:  # merge with the previous
             exts[i - 1][1] += exts[i][1]
             del exts[i]
+            i -= 1
+        if exts[i][1] > self.largest:
+            self.largest = exts[i][1]
         self.free_pages += npages
 
 
@@ -158,7 +178,8 @@ class SharedPool:
         self.ledger = Ledger()
         self.chunks: dict[int, Chunk] = {}  # by pfn, every chunk ever held (leaked too)
         self._free: dict[int, list[Chunk]] = {o: [] for o in CHUNK_ORDERS}  # whole free, LIFO
-        self._partial: list[Chunk] = []
+        self._partial = ExtentIndex()  # partial chunks by largest free extent
+        self._leaked_chunks = 0
         self._held: dict[int, _Held] = {}
         self.size_pages = 0  # pages of non-leaked chunks
         self.free_pages = 0
@@ -210,6 +231,7 @@ class SharedPool:
         self.chunks[pfn] = chunk
         if leaked:
             self.leaked_pages += n
+            self._leaked_chunks += 1
             return
         self.size_pages += n
         self.free_pages += n
@@ -261,9 +283,9 @@ class SharedPool:
         result = self.guest.set_memory_encrypted(chunk.pfn, chunk.npages)
         if not result.ok:
             chunk.leaked = True
-            chunk.extents = []
-            chunk.free_pages = 0
+            chunk.empty()
             self.leaked_pages += chunk.npages
+            self._leaked_chunks += 1
             return False
         del self.chunks[chunk.pfn]
         self.guest.free_pages(chunk.pfn, chunk.order)
@@ -324,33 +346,33 @@ class SharedPool:
     # ---- allocation -------------------------------------------------------------------
 
     def _take_small(self, npages: int) -> tuple[Chunk, int] | None:
-        best: Chunk | None = None
-        for c in self._partial:  # fullest partial chunk that fits
-            if (
-                c.free_pages >= npages
-                and (best is None or c.free_pages < best.free_pages)
-                and c.largest_extent() >= npages
-            ):
-                best = c
-        if best is None:
-            for order in reversed(CHUNK_ORDERS):  # a whole free chunk, the smallest first
-                if npages <= (1 << order) and self._free[order]:
-                    best = self._free[order].pop()
-                    self._partial.append(best)
-                    break
+        """The fullest partial chunk that fits (ExtentIndex.best_fit), else a whole free
+        chunk, the smallest order first."""
+        best = self._partial.best_fit(npages)
+        if best is not None:
+            assert isinstance(best, Chunk)
+            pfn = best.take(npages)
+            assert pfn is not None
+            if best.free_pages == 0:
+                self._partial.remove(best)
             else:
-                return None
-        pfn = best.take(npages)
-        assert pfn is not None
-        if best.free_pages == 0:
-            self._partial.remove(best)
-        return best, pfn
+                self._partial.update(best)
+            return best, pfn
+        for order in reversed(CHUNK_ORDERS):
+            if npages <= (1 << order) and self._free[order]:
+                chunk = self._free[order].pop()
+                pfn = chunk.take(npages)
+                assert pfn is not None
+                if chunk.free_pages:
+                    self._partial.add(chunk)
+                return chunk, pfn
+        return None
 
     def _plan_fits(self, npages: int) -> bool:
         whole = sum(len(self._free[o]) << o for o in CHUNK_ORDERS)
         if npages <= whole:
             return True
-        tail_room = max((c.largest_extent() for c in self._partial), default=0)
+        tail_room = self._partial.largest()
         smallest = min(((1 << o) for o in CHUNK_ORDERS if self._free[o]), default=0)
         rest = npages - (whole - smallest if smallest else whole)
         return rest <= tail_room or (npages - whole) <= tail_room
@@ -371,8 +393,7 @@ class SharedPool:
             stack = self._free[order]
             while left >= (1 << order) and stack:
                 chunk = stack.pop()
-                chunk.extents = []
-                chunk.free_pages = 0
+                chunk.empty()
                 pieces.append((chunk, chunk.pfn, 1 << order))
                 left -= 1 << order
         if left:
@@ -448,7 +469,9 @@ class SharedPool:
                 chunk.free_since = self.now
                 self._free[chunk.order].append(chunk)
             elif was_full:
-                self._partial.append(chunk)
+                self._partial.add(chunk)
+            else:
+                self._partial.update(chunk)
         self.free_pages += buf.npages
         self.ledger.remove(buffer_id)
         return FreeResult(buf)
@@ -456,19 +479,41 @@ class SharedPool:
     def get(self, buffer_id: int) -> Buffer:
         return self.ledger.get(buffer_id)
 
+    def __setstate__(self, state: dict[str, object]) -> None:
+        """Unpickle, also a pool pickled (in a daemon snapshot) before chunks kept their
+        largest extent and partial chunks were indexed: rebuild both, in the old list's
+        order (the order the allocation choice depends on)."""
+        self.__dict__.update(state)
+        old = state.get("_partial")
+        if isinstance(old, list):
+            for c in self.chunks.values():
+                if getattr(c, "largest", None) is None:
+                    c.largest = c.largest_extent()
+            self._partial = ExtentIndex()
+            for c in old:
+                self._partial.add(c)
+        if "_leaked_chunks" not in state:
+            self._leaked_chunks = sum(c.leaked for c in self.chunks.values())
+
     def buffers(self, owner: str | None = None) -> list[Buffer]:
         return self.ledger.buffers(owner)
 
     # ---- reading ----------------------------------------------------------------------
 
     def stats(self) -> StrategyStats:
-        """largest_free_bytes is the largest physically contiguous free run inside a chunk."""
-        chunks = {"free": 0, "partial": 0, "full": 0, "leaked": 0}
-        largest = 0
-        for c in self.chunks.values():
-            chunks[c.state] += 1
-            if not c.leaked:
-                largest = max(largest, c.largest_extent())
+        """largest_free_bytes is the largest physically contiguous free run inside a chunk.
+        Everything is read from counters and the index: no walk over the chunks."""
+        free = sum(len(self._free[o]) for o in CHUNK_ORDERS)
+        partial = len(self._partial)
+        leaked = self._leaked_chunks
+        chunks = {
+            "free": free,
+            "partial": partial,
+            "full": len(self.chunks) - free - partial - leaked,
+            "leaked": leaked,
+        }
+        whole = max((1 << o for o in CHUNK_ORDERS if self._free[o]), default=0)
+        largest = max(whole, self._partial.largest())
         led = self.ledger
         return StrategyStats(
             name=self.name,
@@ -503,15 +548,19 @@ class SharedPool:
         spans = sorted((c.pfn, c.pfn + c.npages) for c in self.chunks.values())
         for (_, e1), (s2, _) in itertools.pairwise(spans):
             assert e1 <= s2, "two chunks overlap"
+        assert self._leaked_chunks == sum(c.leaked for c in self.chunks.values())
+        partial = [c for c in self._partial]
+        assert {c.pfn for c in partial} == {c.pfn for c in live if c.state == "partial"}
+        self._partial.check(partial)
         for c in live:
             assert sum(e[1] for e in c.extents) == c.free_pages, f"chunk {c.pfn:#x} extents"
+            assert c.largest == c.largest_extent(), f"chunk {c.pfn:#x} largest extent"
             if g.platform.encrypts:
                 assert (g.platform.state[c.pfn : c.pfn + c.npages] == PAGE_SHARED).all(), (
                     f"chunk {c.pfn:#x} has pages that are not shared"
                 )
             in_free = c in self._free[c.order]
             assert in_free == (c.state == "free"), f"chunk {c.pfn:#x} free-list membership"
-            assert (c in self._partial) == (c.state == "partial"), f"chunk {c.pfn:#x} partial"
         for buf in self.ledger.buffers():
             area = g.vmalloc.areas[self._held[buf.id].area_id]
             assert area.attr == SHARED, f"buffer {buf.id} mapped private"

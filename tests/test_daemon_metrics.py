@@ -140,3 +140,59 @@ async def test_metrics_contract_and_values(tmp_path: Path) -> None:
     assert buckets[0] == 1e-6 and buckets[-2] == 0.1 and buckets[-1] == float("inf")
     assert value("sharedpool_modeled_conversion_seconds", "_count") == 4
     assert value("sharedpool_build_info", version="0.1.0") == 1
+
+
+async def test_metrics_formats_equal_prometheus_client_encoders(tmp_path: Path) -> None:
+    """The cached renderer (daemon.metrics.Exposition) serves the same bytes as
+    prometheus_client's text and OpenMetrics encoders over the same registry; other
+    negotiated formats and name[] filters are served by prometheus_client itself."""
+    from prometheus_client import generate_latest
+    from prometheus_client.openmetrics.exposition import generate_latest as om_latest
+
+    from daemon import keys
+
+    def steady(exposition: bytes) -> list[bytes]:
+        """The lines, but the process_* samples (CPU time, RSS: they move between scrapes)."""
+        lines = exposition.splitlines()
+        assert any(line.startswith(b"process_") for line in lines)
+        return [line for line in lines if not line.startswith(b"process_")]
+
+    async with running_app(small_config(tmp_path / "state")) as client:
+        _, tok = await register(client)
+        for size in (4096, 3 << 20, 70 << 20, 0):  # served, served, too large, invalid
+            await client.post("/v1/buffers", json={"size": size}, headers=auth(tok))
+        registry = client.app[keys.METRICS].registry
+        text = await (await client.get("/metrics")).read()
+        assert steady(text) == steady(generate_latest(registry))
+        resp = await client.get(
+            "/metrics", headers={"Accept": "application/openmetrics-text; version=1.0.0"}
+        )
+        assert resp.headers["Content-Type"].startswith("application/openmetrics-text")
+        body = await resp.read()
+        assert steady(body) == steady(om_latest(registry)) and body.endswith(b"# EOF\n")
+        resp = await client.get("/metrics", params={"name[]": "sharedpool_buffers"})
+        assert (await resp.text()).count("# TYPE") == 1
+        resp = await client.get("/metrics", headers={"Accept-Encoding": "gzip"})
+        assert resp.headers.get("Content-Encoding") == "gzip"
+        assert steady(await resp.read()) == steady(text)
+
+
+def test_light_histogram_equals_prometheus_client_histogram() -> None:
+    from prometheus_client import CollectorRegistry, Histogram, generate_latest
+
+    from daemon.metrics import ALLOC_BUCKETS, Exposition, LightHistogram
+
+    light_registry = CollectorRegistry()
+    ref_registry = CollectorRegistry()
+    ref = Histogram(
+        "h_seconds", "doc", ["size_class"], buckets=ALLOC_BUCKETS, registry=ref_registry
+    )
+    light = LightHistogram("h_seconds", "doc", ALLOC_BUCKETS, "size_class")
+    light_registry.register(light)
+    for i, v in enumerate([0.0, 1e-6, 3e-6, 0.05, 0.1, 0.2, 7.0, 2.5e-5, 2.5e-5]):
+        cls = ("a", "b")[i % 2]
+        ref.labels(cls).observe(v)
+        light.observe(v, cls)
+    expected = generate_latest(ref_registry)
+    assert generate_latest(light_registry) == expected
+    assert Exposition(light_registry, [light]).render() == expected

@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from pool import AllocationError, DoubleFree, NotOwner, UnknownBuffer
+from pool.extent_index import ScanIndex
 from pool.guest import PAGE_UNKNOWN, FaultPlan, Guest, GuestConfig
 from pool.guest.units import GiB, KiB, MiB
 from pool.shared import SharedPool
@@ -367,3 +368,102 @@ PoolMachine.TestCase.settings = settings(
     suppress_health_check=[HealthCheck.too_slow],
 )
 TestPoolMachine = PoolMachine.TestCase
+
+
+class IndexDifferential(RuleBasedStateMachine):
+    """The same calls on two pools over two copies of one guest, one with ExtentIndex and
+    one with ScanIndex: every buffer (PFNs, va), refusal and stats() must be identical,
+    and the index must equal a recomputation (ExtentIndex.check, in check_invariants)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        g = guest(memory_bytes=512 * MiB, reserved=(), faults=FaultPlan(failure_rate=0.05, seed=4))
+        kw = dict(
+            initial_bytes=16 * MiB,
+            max_bytes=96 * MiB,
+            low_watermark_bytes=4 * MiB,
+            high_watermark_bytes=24 * MiB,
+            grow_step_bytes=8 * MiB,
+            shrink_hysteresis_seconds=2,
+        )
+        g2 = g.clone()
+        self.new = pool(g, **kw)
+        self.ref = pool(g2, **kw)
+        self.ref._partial = ScanIndex()
+        self.live: dict[int, str] = {}
+        self.t = 0.0
+
+    def both(self, call):
+        outcomes = []
+        for p in (self.new, self.ref):
+            try:
+                outcomes.append(("ok", call(p)))
+            except AllocationError as err:
+                outcomes.append(("refused", err.reason, str(err)))
+        assert outcomes[0] == outcomes[1], outcomes
+        return outcomes[0]
+
+    @rule(
+        size=st.sampled_from([4 * KiB, 12 * KiB, 64 * KiB, 256 * KiB, 1032 * KiB, 3 * MiB + 100]),
+        owner=st.sampled_from(["a", "b"]),
+        n=st.integers(1, 6),
+    )
+    def allocate(self, size, owner, n):
+        for _ in range(n):
+            out = self.both(lambda p: p.allocate(size, owner))
+            if out[0] == "ok":
+                self.live[out[1].id] = owner
+
+    @precondition(lambda self: self.live)
+    @rule(data=st.data())
+    def free(self, data):
+        bid = data.draw(st.sampled_from(sorted(self.live)))
+        owner = self.live.pop(bid)
+        self.both(lambda p: p.free(bid, owner))
+
+    @rule(dt=st.floats(0.5, 5))
+    def maintain(self, dt):
+        self.t += dt
+        self.both(lambda p: p.maintain(self.t))
+
+    @rule(force=st.booleans())
+    def shrink(self, force):
+        self.both(lambda p: p.shrink(self.t, force=force))
+
+    @invariant()
+    def same(self):
+        assert self.new.stats() == self.ref.stats()
+        self.new.check_invariants()
+
+
+IndexDifferential.TestCase.settings = settings(
+    max_examples=30,
+    stateful_step_count=30,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+TestIndexDifferential = IndexDifferential.TestCase
+
+
+def test_old_pickles_rebuild_the_partial_index_in_list_order():
+    """A pool pickled before ExtentIndex (a list of partial chunks, chunks without a cached
+    largest extent) loads with an index that makes the same choices."""
+    import pickle
+
+    p = pool(guest(memory_bytes=512 * MiB, reserved=()), initial_bytes=16 * MiB)
+    bufs = [p.allocate(64 * KiB, "a") for _ in range(200)]
+    for b in bufs[::3]:
+        p.free(b.id, "a")
+    state = dict(p.__dict__)
+    state["_partial"] = list(p._partial)
+    del state["_leaked_chunks"]
+    old = SharedPool.__new__(SharedPool)
+    old.__dict__.update(state)
+    restored = pickle.loads(pickle.dumps(old))
+    for c in restored.chunks.values():
+        assert c.largest == c.largest_extent()
+    restored.check_invariants()
+    assert restored.stats() == p.stats()
+    assert [restored.allocate(12 * KiB, "a").ranges for _ in range(20)] == [
+        p.allocate(12 * KiB, "a").ranges for _ in range(20)
+    ]

@@ -16,6 +16,7 @@ The guest knows nothing of pools: strategies in `pool` call it, never the revers
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Callable, Sequence
 
 import attrs
@@ -142,6 +143,18 @@ class GuestReport:
     hazards: hazards.HazardReport
 
 
+@functools.lru_cache(maxsize=512)
+def _zone_report(name: str, nr: tuple[int, ...]) -> ZoneReport:
+    """A zone's report is a pure function of its free-block counts: cached, so a scrape of
+    an unchanged zone does not recompute its 22 indexes (/metrics reads them every time)."""
+    return ZoneReport(
+        name,
+        nr,
+        tuple(fragmentation_index(nr, k) for k in range(NR_ORDERS)),
+        tuple(unusable_free_index(nr, k) for k in range(NR_ORDERS)),
+    )
+
+
 def _subtract(
     ram: list[tuple[int, int]], holes: Sequence[tuple[int, int]]
 ) -> list[tuple[int, int]]:
@@ -235,6 +248,20 @@ class Guest:
             )
         self.allocator = allocator
         self.churn = Churn(self.allocator, config.seed, config.churn)
+        self.hazard_counts = hazards.HazardCounts.recount(self)
+
+    def __getstate__(self) -> dict[str, object]:
+        """Pickle with the noted vmalloc mappings applied to the hazard counts."""
+        counts = self.__dict__.get("hazard_counts")
+        if counts is not None:
+            counts.flush(self)
+        return self.__dict__
+
+    def __setstate__(self, state: dict[str, object]) -> None:
+        """Unpickle, also a guest pickled (in a daemon snapshot) before it kept hazard counts."""
+        self.__dict__.update(state)
+        if "hazard_counts" not in state:
+            self.hazard_counts = hazards.HazardCounts.recount(self)
 
     def _boot_split_pfns(
         self, ram: list[tuple[int, int]], reserved: list[tuple[int, int]]
@@ -340,29 +367,38 @@ class Guest:
             self.stats, self.costs, self.platform, npages, to_shared, hypercalls, change_tables
         )
 
+    def _convert_range(self, pfn: int, npages: int, attr: int) -> ConversionResult:
+        """set_memory_{de,en}crypted() on a direct-map range: one MapGPA for the range; the
+        hazard counts follow the range's pages."""
+        sel = slice(pfn, pfn + npages)
+        before = self.hazard_counts.before(self, sel)
+        try:
+            return self._convert(
+                npages,
+                attr == SHARED,
+                lambda ts: self.platform.convert([(pfn, npages)], ts),
+                lambda: self.direct_map.set_range(pfn, npages, attr),
+            )
+        finally:
+            self.hazard_counts.after(self, sel, before)
+
     def set_memory_decrypted(self, pfn: int, npages: int) -> ConversionResult:
         """set_memory_decrypted() on a direct-map range: one MapGPA for the contiguous range."""
-        return self._convert(
-            npages,
-            True,
-            lambda ts: self.platform.convert([(pfn, npages)], ts),
-            lambda: self.direct_map.set_range(pfn, npages, SHARED),
-        )
+        return self._convert_range(pfn, npages, SHARED)
 
     def set_memory_encrypted(self, pfn: int, npages: int) -> ConversionResult:
-        return self._convert(
-            npages,
-            False,
-            lambda ts: self.platform.convert([(pfn, npages)], ts),
-            lambda: self.direct_map.set_range(pfn, npages, PRIVATE),
-        )
+        return self._convert_range(pfn, npages, PRIVATE)
 
     def vmap(self, pfns: npt.NDArray[np.int64], shared: bool) -> VmArea:
         """Map pages into the vmalloc space (vmap with pgprot_decrypted when shared)."""
-        return self.vmalloc.map(pfns, SHARED if shared else PRIVATE)
+        area = self.vmalloc.map(pfns, SHARED if shared else PRIVATE)
+        self.hazard_counts.note_map(area.id, area.pfns, area.attr)
+        return area
 
     def vunmap(self, area: VmArea) -> None:
+        current = self.vmalloc.areas.get(area.id, area)  # `area` may predate an attr change
         self.vmalloc.unmap(area)
+        self.hazard_counts.note_unmap(area.id, current.pfns, current.attr)
 
     def _set_vmalloc(self, area: VmArea, attr: int, alias: bool) -> tuple[VmArea, ConversionResult]:
         holder: list[VmArea] = []
@@ -373,12 +409,20 @@ class Guest:
 
         # vmalloc addresses are converted page by page (tdx_enc_status_changed);
         # SNP batches them into page-state-change requests anyway
-        result = self._convert(
-            area.npages,
-            attr == SHARED,
-            lambda ts: self.platform.convert_pages(area.pfns, ts),
-            tables,
-        )
+        pages = np.unique(area.pfns)
+        old_attr = self.vmalloc.areas[area.id].attr if area.id in self.vmalloc.areas else area.attr
+        before = self.hazard_counts.before(self, pages)
+        try:
+            result = self._convert(
+                area.npages,
+                attr == SHARED,
+                lambda ts: self.platform.convert_pages(area.pfns, ts),
+                tables,
+            )
+        finally:
+            if holder:
+                self.hazard_counts.remap(area.pfns, old_attr, attr)
+            self.hazard_counts.after(self, pages, before)
         return (holder[0] if holder else self.vmalloc.areas.get(area.id, area)), result
 
     def set_vmalloc_decrypted(
@@ -397,21 +441,13 @@ class Guest:
     # ---- reading ----------------------------------------------------------------
 
     def hazards(self) -> hazards.HazardReport:
-        return hazards.check(self)
+        """The hazard counts, kept as pages change (hazards.HazardCounts): no scan."""
+        return self.hazard_counts.report(self)
 
     def zone_reports(self) -> tuple[ZoneReport, ...]:
-        out = []
-        for zone in self.zones:
-            nr = self.allocator.nr_free(zone.name)
-            out.append(
-                ZoneReport(
-                    zone.name,
-                    tuple(nr),
-                    tuple(fragmentation_index(nr, k) for k in range(NR_ORDERS)),
-                    tuple(unusable_free_index(nr, k) for k in range(NR_ORDERS)),
-                )
-            )
-        return tuple(out)
+        return tuple(
+            _zone_report(zone.name, self.allocator.nr_free(zone.name)) for zone in self.zones
+        )
 
     def report(self, with_hazards: bool = True) -> GuestReport:
         return GuestReport(
@@ -442,6 +478,9 @@ class Guest:
             )
         for area in self.vmalloc:
             assert not free[area.pfns].any(), f"vmalloc area {area.id} maps a free page"
+        assert self.hazards() == hazards.check(self), (
+            f"hazard counts drifted: kept {self.hazards()}, scan {hazards.check(self)}"
+        )
         s = self.stats
         assert s.direct_map_level2_splits == self.direct_map.level2_splits
         assert s.direct_map_level3_splits == self.direct_map.level3_splits
@@ -462,4 +501,5 @@ class Guest:
         other.zones = self.zones
         other.allocator = self.allocator.clone()
         other.churn = self.churn.clone(other.allocator)
+        other.hazard_counts = self.hazard_counts.clone(self)
         return other
