@@ -70,6 +70,7 @@ from typing import Any
 import attrs
 
 from pool.guest.buddy import PageAllocator
+from pool.guest.migratetype import MIGRATE_MOVABLE, MIGRATE_RECLAIMABLE, MIGRATE_UNMOVABLE
 from pool.guest.units import NR_ORDERS
 
 __all__ = ["Churn", "ChurnConfig"]
@@ -141,6 +142,13 @@ class ChurnConfig:
       (fewer, larger holes).
     - ``zonelist`` (("Normal", "DMA32")): the zones the churn allocates from, in order; the DMA
       zone is left alone as the kernel leaves it to GFP_DMA users.
+    - ``short_unmovable`` (0.5): the share of short-lived order-0/1 allocations that are kernel
+      memory (skbs, kmalloc buffers: unmovable); the rest is short-lived anonymous memory
+      (movable). Short-lived orders 2+ are page-cache folios and pressure episodes read page
+      cache: movable.
+    - ``long_unmovable`` (0.5), ``long_reclaimable`` (0.2): the shares of long-lived allocations
+      that are unmovable (slab, page tables) and reclaimable (dentry and inode slabs); the rest
+      is anonymous memory of long-running processes (movable).
     """
 
     occupancy: float = attrs.field(default=0.75, validator=_check_fraction)
@@ -161,8 +169,16 @@ class ChurnConfig:
     long_share: float = attrs.field(default=0.25, validator=_check_fraction)
     free_batch: int = 1
     zonelist: tuple[str, ...] = ("Normal", "DMA32")
+    short_unmovable: float = attrs.field(default=0.5, validator=_check_fraction)
+    long_unmovable: float = attrs.field(default=0.5, validator=_check_fraction)
+    long_reclaimable: float = attrs.field(default=0.2, validator=_check_fraction)
 
     def __attrs_post_init__(self) -> None:
+        if self.long_unmovable + self.long_reclaimable > 1.0:
+            raise ValueError(
+                "long_unmovable + long_reclaimable must not exceed 1: "
+                f"{self.long_unmovable} + {self.long_reclaimable}"
+            )
         if self.pressure_interval < 0:
             raise ValueError(f"pressure_interval must be >= 0, not {self.pressure_interval}")
         if self.free_batch < 1:
@@ -197,6 +213,7 @@ class Churn:
         self._short_cum = list(accumulate(config.short_orders))
         self._long_cum = list(accumulate(config.long_orders))
         self._pagecache_cum = list(accumulate(config.pagecache_orders))
+        self._cpu = 0  # the vCPU of the current step (round robin over the allocator's CPUs)
 
     # ------------------------------------------------------------------ public
 
@@ -237,17 +254,21 @@ class Churn:
             done += n
             progress(done, steps)
 
-    def step(self, n: int = 1) -> None:
-        """``n`` more steps (between simulator events: "background churn")."""
+    def step(self, n: int = 1, pressure: bool = True) -> None:
+        """``n`` more steps. ``pressure``: run the memory-pressure episodes that fall due (step 0,
+        then every ``pressure_interval`` steps), as aging does; False for the steady churn
+        between simulator events ("background churn"), which never starts one."""
         if n < 0:
             raise ValueError(f"n must be >= 0, not {n}")
-        interval = self.config.pressure_interval
+        interval = self.config.pressure_interval if pressure else 0
         long_fraction = self.config.long_fraction
         short_cum = self._short_cum
         target = self._target
         free_one = self._free_one
         allocate = self._allocate
+        cpus = max(1, self.allocator.cpus)
         for _ in range(n):
+            self._cpu = self.steps_done % cpus
             if interval and self.steps_done % interval == 0:
                 self._pressure_episode()
             allocate(short_cum, long_fraction, True)
@@ -277,6 +298,7 @@ class Churn:
         other._short_cum = self._short_cum
         other._long_cum = self._long_cum
         other._pagecache_cum = self._pagecache_cum
+        other._cpu = self._cpu
         return other
 
     # ------------------------------------------------------------------ internals
@@ -297,18 +319,30 @@ class Churn:
         mix, falling back to lower orders; at order 0 with nothing free, reclaim one victim and
         retry (``reclaim``) or give up and return False."""
         rand = self._rng.random
+        config = self.config
         if long_fraction and rand() < long_fraction:
             is_long = True
             cum = self._long_cum
+            r = rand()
+            if r < config.long_unmovable:
+                mt = MIGRATE_UNMOVABLE
+            elif r < config.long_unmovable + config.long_reclaimable:
+                mt = MIGRATE_RECLAIMABLE
+            else:
+                mt = MIGRATE_MOVABLE
         else:
             is_long = False
             cum = short_cum
+            mt = MIGRATE_MOVABLE
         order = bisect.bisect_right(cum, rand() * cum[-1])
         if order >= NR_ORDERS:  # rounding at the very top of the last weight
             order = NR_ORDERS - 1
+        if not is_long and order < 2 and reclaim and rand() < config.short_unmovable:
+            mt = MIGRATE_UNMOVABLE
         alloc = self.allocator.alloc
-        zonelist = self.config.zonelist
-        pfn = alloc(order, zonelist)
+        zonelist = config.zonelist
+        cpu = self._cpu
+        pfn = alloc(order, zonelist, mt, cpu)
         while pfn is None:
             if order:
                 order -= 1
@@ -318,7 +352,7 @@ class Churn:
                         "churn: no free page in its zonelist and no allocation of its own to free"
                     )
                 return False
-            pfn = alloc(order, zonelist)
+            pfn = alloc(order, zonelist, mt, cpu)
         self.allocations_made += 1
         if is_long:
             self._long.append(pfn << _SHIFT | order)
@@ -348,7 +382,7 @@ class Churn:
             if i < n - 1:
                 entries[i] = last
             order = entry & _MASK
-            self.allocator.free(entry >> _SHIFT, order)
+            self.allocator.free(entry >> _SHIFT, order, self._cpu)
             self.frees_made += 1
             pages = 1 << order
         else:
@@ -357,9 +391,10 @@ class Churn:
             width = end - i
             free = self.allocator.free
             pages = 0
+            cpu = self._cpu
             for entry in entries[i:end]:
                 order = entry & _MASK
-                free(entry >> _SHIFT, order)
+                free(entry >> _SHIFT, order, cpu)
                 pages += 1 << order
             moved = entries[max(end, n - width) : n]
             entries[i : i + len(moved)] = moved
