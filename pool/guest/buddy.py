@@ -246,6 +246,7 @@ class PageAllocator:
         if sum(self._managed) != self._ram_pages:
             raise ValueError("some RAM lies outside every zone")
         self._nofragment = ("Normal" in self._zone_index) and ("DMA32" in self._zone_index)
+        self._zonelists: dict[tuple[str, ...], tuple[list[int], bool]] = {}
         self._setup_lists(cpus)
 
         # memblock_free_all(): ascending pfn, FPI_TO_TAIL, all pageblocks MOVABLE.
@@ -266,8 +267,8 @@ class PageAllocator:
         lists of ``cpus`` CPUs (:meth:`setup_pcp`)."""
         self._nr_buddy_lists = len(self.zones) * MIGRATE_PCPTYPES * NR_ORDERS
         size = self.end_pfn + self._nr_buddy_lists
-        self._next = array("i", bytes(4 * self.end_pfn))
-        self._prev = array("i", bytes(4 * self.end_pfn))
+        self._next = array("i", [0]) * self.end_pfn
+        self._prev = array("i", [0]) * self.end_pfn
         self._next.extend(range(self.end_pfn, size))
         self._prev.extend(range(self.end_pfn, size))
         self._low_wmark = zone_low_wmarks(self._managed)
@@ -508,8 +509,7 @@ class PageAllocator:
             raise ValueError(f"order must be in 0..{MAX_PAGE_ORDER}, not {order}")
         if self.cpus and not 0 <= cpu < self.cpus:
             raise ValueError(f"no cpu {cpu}: this allocator has {self.cpus} with pcp lists")
-        zis = self._zonelist(zonelist)
-        nofragment = self._nofragment and bool(zis) and self.zones[zis[0]].name == "Normal"
+        zis, nofragment = self._zonelist(zonelist)
         use_pcp = self.cpus > 0 and (order <= PAGE_ALLOC_COSTLY_ORDER or order == PAGEBLOCK_ORDER)
         drained = False
         while True:
@@ -553,7 +553,7 @@ class PageAllocator:
         (``goto failed``). May return fewer pages than asked, or none."""
         if nr_pages <= 0:
             return []
-        zis = self._zonelist(zonelist)
+        zis = self._zonelist(zonelist)[0]
         chosen = -1
         if nr_pages > 1 and self.cpus:
             for zi in zis:
@@ -616,16 +616,25 @@ class PageAllocator:
 
     # ------------------------------------------------------------------ the kernel's paths
 
-    def _zonelist(self, zonelist: Sequence[str]) -> list[int]:
+    def _zonelist(self, zonelist: Sequence[str]) -> tuple[list[int], bool]:
+        """The zone indexes of ``zonelist`` (zones this guest lacks skipped) and whether its
+        allocations start with ``ALLOC_NOFRAGMENT`` (``alloc_flags_nofragment()``: the
+        preferred zone is Normal and DMA32 exists). Cached per zonelist."""
+        key = tuple(zonelist)
+        cached = self._zonelists.get(key)
+        if cached is not None:
+            return cached
         zis = []
-        for name in zonelist:
+        for name in key:
             zi = self._zone_index.get(name)
             if zi is None:
                 if name not in ZONE_NAMES:
                     raise ValueError(f"unknown zone {name!r} (zones: {list(self._zone_index)})")
                 continue  # a zone this guest does not have (e.g. Normal below 4 GiB)
             zis.append(zi)
-        return zis
+        nofragment = self._nofragment and bool(zis) and self.zones[zis[0]].name == "Normal"
+        self._zonelists[key] = (zis, nofragment)
+        return zis, nofragment
 
     def _rmqueue_smallest(self, zi: int, order: int, mt: int) -> int:
         """``__rmqueue_smallest()``: the head block of the smallest order >= ``order`` on the
@@ -1171,6 +1180,7 @@ class PageAllocator:
         other._ram_pages = self._ram_pages
         other._managed = list(self._managed)
         other._nofragment = self._nofragment
+        other._zonelists = dict(self._zonelists)
         other._nr_buddy_lists = self._nr_buddy_lists
         other._next = self._next[:]
         other._prev = self._prev[:]

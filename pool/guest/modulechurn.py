@@ -26,7 +26,7 @@ import attrs
 
 from pool.guest.fragmentation import format_buddyinfo
 from pool.guest.machine import Guest, GuestConfig
-from pool.guest.units import MiB, PAGES_PER_2M, GiB
+from pool.guest.units import PAGES_PER_2M, GiB, MiB
 
 __all__ = ["REAL_LINUX_6_1", "ModuleChurnResult", "run", "xorshift32"]
 
@@ -86,9 +86,7 @@ def run(
         order = next(xrand) & 3
         pfn = guest.alloc_pages(order)
         if pfn is None:
-            raise ValueError(
-                f"the guest ran out of memory after {len(blocks)} of {churn} blocks"
-            )
+            raise ValueError(f"the guest ran out of memory after {len(blocks)} of {churn} blocks")
         blocks.append((pfn, order))
     kept = []
     for pfn, order in blocks:
