@@ -83,7 +83,8 @@ def test_64gib_guest_builds_fast() -> None:
     assert elapsed < 2.0, f"building a 64 GiB allocator took {elapsed:.2f} s"
     start = time.perf_counter()
     b = a.clone()
-    assert time.perf_counter() - start < 1.0
+    # The clone copies two per-pfn list-link arrays besides the state bytes: 200 MB at 64 GiB.
+    assert time.perf_counter() - start < 3.0
     assert b.nr_free("Normal") == a.nr_free("Normal")
 
 

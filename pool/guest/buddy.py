@@ -292,7 +292,7 @@ class PageAllocator:
         self._prev.extend(range(base, size))
         first = base
         for zi in range(len(self.zones)):
-            batch = zone_batchsize(self._managed[zi])
+            batch = max(1, zone_batchsize(self._managed[zi]))  # zone_set_pageset_high_and_batch()
             high = zone_highsize(self._low_wmark[zi], batch, cpus) if cpus else 0
             row = []
             for _ in range(cpus):
