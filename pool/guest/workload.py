@@ -51,8 +51,16 @@ retiring random old long-lived pages leaves scattered order-0 and order-1 holes 
 rises (16 GiB after 2 M steps: 1093 regions). Aging takes ~7 s per million steps at 16 GiB and
 ~15 s at 64 GiB, peak RSS 47 and 69 MiB.
 
-Not modeled: per-cpu page lists (pcp), migratetypes and pageblock grouping, watermarks,
-kswapd and direct compaction, NUMA, memory cgroups; page-cache LRU order (victims are random).
+Migratetypes: page cache (pressure episodes, short-lived orders 2+) and anonymous memory are
+movable; short-lived order-0/1 kernel pages (``short_unmovable``) and slab and page tables
+(``long_unmovable``) unmovable; dentry and inode slabs (``long_reclaimable``) reclaimable. The
+allocator groups them by pageblock (pool.guest.migratetype) and every allocation and free of
+an allocator with per-cpu lists goes through them, the churn taking the vCPUs in turn, one
+step each. Steady steps (``step(pressure=False)``, what ``Guest.background`` runs between
+simulator events) never start a pressure episode: only aging does.
+
+Not modeled: watermarks, kswapd and direct compaction, NUMA, memory cgroups; page-cache LRU
+order (victims are random).
 
 Live allocations are kept in two ``array('q')`` (short- and long-lived), each entry
 ``pfn << 4 | order``; freeing a victim swaps the last entry into its slot.
