@@ -29,27 +29,27 @@ The model (each knob is a field of :class:`ChurnConfig`):
   ones mix the layout again.
 
 What "aged" means: with the defaults, 1,000,000 steps on a 16 GiB guest (RAM = [0, 3 GiB) and
-[4 GiB, 17 GiB)), as measured by ``bench/bench_guest_scale.py`` (seeds 1, 2, 3):
+[4 GiB, 17 GiB)), one vCPU, as measured by ``bench/bench_guest_scale.py`` (seed 1):
 
-- 25.0 % of RAM is free (occupancy 0.75). The Normal zone's free memory is all in blocks below
+- 24.8 % of RAM is free (occupancy 0.75). The Normal zone's free memory is all in blocks below
   order 9: unusable free index at order 9 = 1.000 (the real 4 GiB guest after churn, in
   ``examples/buddyinfo/linux-6.1-4GiB-after-churn.unusable_index``: 0.974). Its smallest free
-  blocks are order-3 holes; orders 0-2 are used up by the steady small allocations.
-- 1638 MiB stay in order-9/10 blocks, in DMA32: the tenth of RAM that pressure episodes never
-  reach (Normal is filled first), so pools of a few hundred MiB in 2-4 MiB blocks still succeed.
-  The real guest kept 591 order-10 blocks in DMA32.
-- 4096 consecutive order-0 allocations (a 16 MiB vmalloc buffer) land in 496, 491 and 490
-  distinct 2 MiB regions (one per order-3 hole), against 8 on the pristine guest. DESIGN.md's
-  real-guest figures: 8-9 after boot, 130-150 after moderate churn, 300-380 after heavy churn;
-  the default ages a little beyond the heaviest measured churn.
+  blocks are order-2 and order-3 holes; orders 0-1 are used up by the steady small allocations.
+- 734 MiB stay in order-9/10 blocks, in DMA32: the tenth of RAM that pressure episodes never
+  reach (Normal is filled first), less the pageblocks the unmovable and reclaimable
+  allocations claimed there (``ALLOC_NOFRAGMENT`` sends them to DMA32's whole free pageblocks
+  once Normal has none).
+- A 16 MiB vmalloc buffer (``vm_area_alloc_pages``, unmovable) lands in 15 distinct 2 MiB
+  regions, against 8 on the pristine guest: Normal holds no unmovable free pages, so the bulk
+  allocator steals movable pageblocks of Normal and takes each one's free pages together.
+  DESIGN.md's real-guest figures (8-9 after boot, 130-150 after moderate, 300-380 after heavy
+  churn) come from unmovable churn, which pool.guest.modulechurn reproduces; this page-cache
+  aging does not reach that band (the calibration to it is open).
 
-Other sizes, same 1 M steps (seed 1): 2 GiB (DMA32 only) 495 regions, unusable index 0.625 in
-DMA32; 4 GiB 1129 regions; 8 GiB 622; 64 GiB 1005 regions, unusable index 0.738 (the churn never
-fills the 61 GiB Normal zone: order-2 holes remain and its top stays in order-10 blocks). On
-small guests the long-lived pages reach their cap early (4 GiB: at ~0.4 M steps); from then on
-retiring random old long-lived pages leaves scattered order-0 and order-1 holes and the figure
-rises (16 GiB after 2 M steps: 1093 regions). Aging takes ~7 s per million steps at 16 GiB and
-~15 s at 64 GiB, peak RSS 47 and 69 MiB.
+64 GiB, same 1 M steps: 9 regions (Normal keeps order-10 blocks, which unmovable requests
+claim whole), unusable index 0.856. Aging takes ~2.5x the time it took before the per-cpu
+lists (64 GiB: 23x the bench's bare-loop baseline, against 8.5x), peak RSS 356 MiB at 64 GiB
+(the per-pfn list links) and 116 MiB at 16 GiB.
 
 Migratetypes: page cache (pressure episodes, short-lived orders 2+) and anonymous memory are
 movable; short-lived order-0/1 kernel pages (``short_unmovable``) and slab and page tables
@@ -110,8 +110,9 @@ def _check_fraction(_instance: Any, attribute: attrs.Attribute[Any], value: floa
 
 @attrs.frozen
 class ChurnConfig:
-    """The knobs of the background churn. Defaults are calibrated so that 1,000,000 steps age a
-    16 GiB guest to DESIGN.md's "heavy churn" state (see the module docstring).
+    """The knobs of the background churn. The defaults were calibrated (before the allocator had
+    per-cpu lists and migratetypes) so that 1,000,000 steps age a 16 GiB guest to DESIGN.md's
+    "heavy churn" state; what they give now is in the module docstring.
 
     Order weights are relative weights for orders 0, 1, 2, ... (missing orders weigh 0).
 
