@@ -11,7 +11,8 @@ into a fatal fault. Option 1 of the design (stop using load_unaligned_zeropad in
 guests) is this allocator with that hazard class accepted: `accepted_hazards` says so for
 reports; it is not a separate allocator.
 
-Allocation (vzalloc): order-0 pages one at a time from the page allocator, zeroed, mapped
+Allocation (vzalloc): order-0 pages from the page allocator as vm_area_alloc_pages() takes
+them (the bulk allocator, 100 pages a request, through the per-cpu lists), zeroed, mapped
 private in the vmalloc space, then one set_memory_decrypted() on the vmalloc address. On a
 conversion failure the pages' state is unknown: they are leaked (never freed; vfree is not
 called), and the request fails with reason "conversion_failed". Free: set_memory_encrypted()
@@ -90,19 +91,13 @@ class VmallocStrategy:
         size = led.checked_size(size, *size_limit(MAX_SIZE, "", self.max_buffer_bytes))
         npages = round_pages(size)
         g = self.guest
-        taken: list[int] = []
-        for _ in range(npages):
-            pfn = g.alloc_pages(0)
-            if pfn is None:
-                for p in taken:  # still private and privately mapped: safe to give back
-                    g.free_pages(p, 0)
-                raise led.fail(
-                    "no_memory",
-                    f"vzalloc({size}): the page allocator ran out after {len(taken)} of "
-                    f"{npages} pages",
-                )
-            taken.append(pfn)
-        pfns = np.asarray(taken, dtype=np.int64)
+        pfns = g.vmalloc_pages(npages)
+        if len(pfns) < npages:
+            g.free_page_list(pfns)  # still private and privately mapped: safe to give back
+            raise led.fail(
+                "no_memory",
+                f"vzalloc({size}): the page allocator ran out after {len(pfns)} of {npages} pages",
+            )
         runs = runs_of(pfns)
         g.zero(runs)
         area = g.vmap(pfns, shared=False)

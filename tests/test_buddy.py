@@ -19,6 +19,7 @@ from hypothesis.stateful import (
 )
 
 from pool.guest.buddy import PageAllocator, Zone, buddy_of, default_zones, tile_range
+from pool.guest.migratetype import MIGRATE_MOVABLE
 from pool.guest.units import PAGE_SHIFT, GiB, MiB
 
 G = GiB >> PAGE_SHIFT  # pfns per GiB
@@ -82,7 +83,8 @@ def test_64gib_guest_builds_fast() -> None:
     assert elapsed < 2.0, f"building a 64 GiB allocator took {elapsed:.2f} s"
     start = time.perf_counter()
     b = a.clone()
-    assert time.perf_counter() - start < 1.0
+    # The clone copies two per-pfn list-link arrays besides the state bytes: 200 MB at 64 GiB.
+    assert time.perf_counter() - start < 3.0
     assert b.nr_free("Normal") == a.nr_free("Normal")
 
 
@@ -321,7 +323,8 @@ def test_check_invariants_catches_corruption() -> None:
     c.alloc(3, ("DMA",))
     # Pretend 0 was freed without merging: two free order-3 buddies side by side.
     c._state[0] = 1 + 3
-    c._lists[0][3][0] = None
+    c._list_add(0, c._buddy_list(0, MIGRATE_MOVABLE, 3))
+    c._nr_free[0][3] += 1
     c._free_pages[0] += 8
     c._allocated_pages -= 8
     with pytest.raises(AssertionError, match="not merged"):

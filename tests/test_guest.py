@@ -221,3 +221,30 @@ def test_hazard_report_serialises_every_kind():
         "unknown_state": 3,
     }
     assert tuple(report.as_json()) == REPORT_KINDS
+
+
+def test_background_churn_on_a_pristine_guest_starts_no_pressure_episode() -> None:
+    """The first background() call used to run a full memory-pressure episode (page cache up
+    to 90 % of RAM, then reclaim); pressure belongs to aging. 1,000 steady steps allocate about
+    1,000 blocks and free none (the churn is far below its occupancy target)."""
+    g = Guest(GuestConfig(memory_bytes=1 * GiB, hole=None))
+    g.background(1_000)
+    assert g.churn.steps_done == 1_000
+    assert g.churn.live_pages < 0.05 * g.allocator.ram_pages
+    assert g.churn.frees_made == 0
+    aged = Guest(GuestConfig(memory_bytes=1 * GiB, hole=None))
+    aged.age(1_000)  # aging starts with the episode
+    assert aged.churn.live_pages >= 0.7 * aged.allocator.ram_pages
+    g.check_invariants()
+
+
+def test_guest_vcpus_setting() -> None:
+    g = Guest(GuestConfig(memory_bytes=1 * GiB, hole=None, cpus=2))
+    assert g.allocator.cpus == 2
+    g.age(2_000)  # the churn takes the vCPUs in turn
+    assert g.allocator.pcp("DMA32", 0).count + g.allocator.pcp("DMA32", 1).count == (
+        g.allocator.pcp_pages("DMA32")
+    )
+    g.check_invariants()
+    with pytest.raises(ValueError, match="cpus must be in"):
+        GuestConfig(cpus=0)

@@ -90,8 +90,10 @@ def check_directions(doc: dict[str, Any]) -> None:
     assert s["pool-boot"]["run"]["hypercalls"] == 0
     assert s["pool-boot"]["setup"]["direct_map_splits"] == {"level2": 0, "level3": 0}
     # vmalloc-directmap: level-2 splits keep growing with the cycles
+    # (The first cycle may add none: since the guest model has per-cpu lists, a buffer freed
+    # and allocated again comes back from the same pages, already split at setup.)
     dm = s["vmalloc-directmap"]["series"]["direct_map_splits_level2"]
-    assert 0 < dm[0] < dm[half - 1] < dm[-1]
+    assert 0 <= dm[0] < dm[half - 1] < dm[-1]
     assert (
         s["vmalloc-directmap"]["end_state"]["direct_map_bytes"]["4k"]
         > s["pool"]["end_state"]["direct_map_bytes"]["4k"]

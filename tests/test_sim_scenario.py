@@ -99,7 +99,12 @@ async def test_many_cycles_stay_correct():
     s = sc.summary()
     kinds = {k for k, *_ in seen}
     assert kinds == set(EVENT_KINDS)  # every event kind happened
-    assert s["driver"]["probe_failures"] == 0 and s["driver"]["corrupt_reads"] == 0
+    # Probes may fail for lack of memory only: on this 1 GiB guest (DMA32 alone, so no
+    # ALLOC_NOFRAGMENT) the background churn's unmovable allocations steal the largest free
+    # blocks (__rmqueue_fallback), so the pool's 2-4 MiB chunks can run out; before the model
+    # had migratetypes this asserted no probe failure at all.
+    assert set(s["driver"]["failure_reasons"]) <= {"no_memory"}
+    assert s["driver"]["corrupt_reads"] == 0
     assert s["host"]["use_after_free_writes"] == 0 and s["host"]["gpadls_refused"] == 0
     assert s["devices_up"] == 2
     live = {b.id for d in sc.devices if d is not None for b in d.buffers()}

@@ -86,7 +86,11 @@ def test_vmalloc_directmap_splits_on_an_aged_guest_and_splits_grow() -> None:
     for _ in range(4):
         s.allocate(16 * MiB, "netvsc", "recv")
         splits.append(g.stats.direct_map_level2_splits - base.direct_map_level2_splits)
-    assert splits[0] > 16  # far more than the 8 leaves a pristine guest's buffer sits in
+    # At least the 8 leaves a pristine guest's buffer sits in. (Since the model has migratetypes,
+    # an unmovable vzalloc on a page-cache-aged guest takes the free pages of whole stolen
+    # pageblocks, steal_suitable_fallback(), so the first buffer sits in few leaves; before,
+    # it took one order-3 hole per leaf and this asserted > 16.)
+    assert splits[0] >= 8
     assert splits == sorted(splits) and splits[-1] > splits[0]
     assert g.hazards().private_alias_to_shared == 0  # the aliases were converted too
     s.check_invariants()
@@ -160,11 +164,12 @@ def test_vmalloc_buffers_are_zeroed_and_mapped_contiguously() -> None:
 def test_vmalloc_out_of_memory_gives_pages_back() -> None:
     g = guest(128 * MiB)
     s = started("vmalloc-alias", g)
-    free_before = g.allocator.free_pages()
+    # Free to the rest of the guest: on the buddy lists or on a per-cpu list.
+    free_before = g.allocator.free_pages() + g.allocator.pcp_pages()
     with pytest.raises(AllocationError) as exc:
         s.allocate(free_before * PAGE_SIZE + PAGE_SIZE, "a")
     assert exc.value.reason == "no_memory"
-    assert g.allocator.free_pages() == free_before
+    assert g.allocator.free_pages() + g.allocator.pcp_pages() == free_before
     assert s.stats().failure_reasons == {"no_memory": 1}
     g.check_invariants()
 
@@ -506,12 +511,12 @@ def test_vmalloc_reencryption_failure_leaks_and_pages_never_come_back(alias: boo
 def test_vmalloc_decryption_failure_fails_the_allocation_and_leaks(alias: bool) -> None:
     g = guest(512 * MiB, faults=FaultPlan(fail_calls=frozenset({3})))
     s = VmallocStrategy(g, alias=alias)
-    free_before = g.allocator.free_pages()
+    free_before = g.allocator.free_pages() + g.allocator.pcp_pages()  # buddy and per-cpu lists
     with pytest.raises(AllocationError) as exc:
         s.allocate(64 * KiB, "a")  # 16 per-page MapGPA calls; the third fails
     assert exc.value.reason == "conversion_failed"
     assert s.stats().leaked_bytes == 64 * KiB and s.stats().buffers == 0
-    assert g.allocator.free_pages() == free_before - 16
+    assert g.allocator.free_pages() + g.allocator.pcp_pages() == free_before - 16
     assert g.hazards().unknown_state_pages == 1
     s.check_invariants()
     g.check_invariants()

@@ -1,4 +1,4 @@
-"""The guest's page allocator: a binary buddy allocator after mm/page_alloc.c.
+"""The guest's page allocator: the zoned buddy allocator of mm/page_alloc.c (Linux 6.1).
 
 What is modeled, and how faithfully:
 
@@ -6,33 +6,61 @@ What is modeled, and how faithfully:
   ``o`` is ``pfn ^ (1 << o)``; two free buddies of one order merge into ``pfn & ~(1 << o)``
   at order ``o + 1``, up to order 10, never across a zone boundary (the kernel's
   ``page_is_buddy()`` checks the zone) and never over a hole (hole pages are never free).
+- Free lists per zone, per order and per migratetype (pool.guest.migratetype): unmovable,
+  movable, reclaimable. Every pageblock (order 9) is MOVABLE at boot. ``nr_free`` (one
+  /proc/buddyinfo row) counts the blocks of an order over all migratetypes.
 - Boot (``memblock_free_all()``): every range of usable RAM, cut at zone boundaries, is
   freed as the largest naturally aligned blocks that fit (``__free_pages_memory()``),
   in ascending pfn order and to the *tail* of each free list (``FPI_TO_TAIL``, Linux
   >= 5.10), so right after boot the head of every list is its lowest block.
-- Allocation (``__rmqueue_smallest()``): the first zone of the zonelist holding a free
-  block of order >= the request; the smallest such order; the block at the head of its
-  list; split by ``expand()``, which puts the upper halves at the head of the lower lists.
-- Freeing (``__free_one_page()``): merge with free buddies as far as possible; the result
-  goes to the *head* of its list. The kernel's ``buddy_merge_likely()`` heuristic (tail
-  placement when the next-higher buddy is free) is deliberately not modeled: the lists
-  are LIFO after boot, which is what makes a freshly freed page the next one handed out.
-- Not modeled: per-cpu page lists (pcp), migratetypes and pageblocks, watermarks and
-  reserves, compaction, CMA, memory hotplug, NUMA (one node).
+- Allocation: ``get_page_from_freelist()`` walks the zonelist, first with
+  ``ALLOC_NOFRAGMENT`` when the preferred zone is Normal and DMA32 exists
+  (``alloc_flags_nofragment()``: no stealing of less than a pageblock from another type),
+  then without; ``rmqueue()`` takes orders 0..3 and 9 from the CPU's per-cpu lists
+  (pool.guest.pcp, refilled by ``rmqueue_bulk()``), others from the buddy lists:
+  ``__rmqueue()`` = ``__rmqueue_smallest()`` (the smallest order with a free block of the
+  requested type, the block at the head of its list, split by ``expand()`` which puts the
+  upper halves at the heads of the lower lists), else ``__rmqueue_fallback()``
+  (:meth:`PageAllocator._rmqueue_fallback`: the largest block of a fallback type, with the
+  pageblock stealing of ``steal_suitable_fallback()``), and retry. When every zone fails, the
+  per-cpu lists of all CPUs are drained (``drain_all_pages()``, as the slow path does before
+  giving up) and the walk is tried once more.
+- Freeing: orders 0..3 and 9 go to the head of the CPU's pcp list of the pageblock's type
+  (``free_unref_page_commit()``); at ``high`` ``free_pcppages_bulk()`` returns ``batch`` pages
+  (more while the CPU keeps freeing) from the lists' tails to the buddy lists. Others go
+  straight to ``__free_one_page()``: merge with free buddies as far as possible; the result
+  goes to the *tail* of its list when the buddy of the next-higher order is free
+  (``buddy_merge_likely()``), else to the head.
+- The bulk allocator (``__alloc_pages_bulk()``, :meth:`PageAllocator.alloc_bulk`): order-0
+  pages of one zone (the first that meets its low watermark plus the request) through that
+  zone's pcp list, refilling it as often as needed; one single-page allocation when none.
+- ``cpus=0`` builds an allocator without per-cpu lists: every allocation and free goes to the
+  buddy lists directly (``pcp_allowed_order()`` false for all): the plain buddy allocator.
+- Not modeled: watermarks on the single-page path, kswapd and reclaim, watermark boosting,
+  compaction, highatomic reserves, CMA, memory hotplug and isolation, NUMA (one node),
+  ``lowmem_reserve``, page shuffling (``shuffle_page_order`` is off by default).
 
 Representation (a 64 GiB guest has 16.7 M pfns, so nothing is a Python object per page):
 
 - ``_state``: one byte per pfn. 0 for a page that does not start a block (interior page
-  or hole); ``_FREE + o`` for the first page of a free block of order ``o``; ``_ALLOC + o``
-  for the first page of an allocated block of order ``o``.
-- Free lists: per zone, per order, an insertion-ordered ``dict`` used as a stack: the
-  most recently inserted key is the list *head* (``popitem()`` takes it; ``del`` removes a
-  given buddy in O(1)).
+  or hole); ``_FREE + o`` for the first page of a free block of order ``o`` (on a buddy
+  list); ``_PCP + o`` for the first page of a block of order ``o`` on a per-cpu list;
+  ``_ALLOC + o`` for the first page of an allocated block of order ``o``.
+- ``_mt``: one byte per pfn, the migratetype of the block starting there when it is on a
+  per-cpu list (``get_pcppage_migratetype()``, ``page->index``) or allocated (what it was
+  allocated as: movable blocks are what ``move_freepages()`` counts as ``PageLRU``).
+- ``_pageblock_mt``: one byte per pageblock (``get_pfnblock_migratetype()``).
+- Lists: kernel-style circular doubly linked lists threaded through two per-pfn ``array('i')``
+  (``_next``, ``_prev``: ``page->lru``); list ``L``'s head node is the extra slot
+  ``end_pfn + L``. Buddy list ``(zone, migratetype, order)`` and pcp list ``(zone, cpu,
+  pindex)`` are numbered by :meth:`PageAllocator._buddy_list` and ``PerCpuPages.first_list``.
+  Every list operation is O(1).
 
-``alloc`` and ``free`` are O(orders). ``claim_range`` is O(blocks touched x orders).
+``alloc`` and ``free`` are O(orders) plus the pcp batch they may move. ``claim_range`` is
+O(blocks touched x orders).
 
-Ranges claimed with :meth:`PageAllocator.claim_range` are recorded as allocated blocks:
-the largest naturally aligned blocks (order <= 10, never crossing a zone boundary) that
+Ranges claimed with :meth:`PageAllocator.claim_range` are recorded as allocated (unmovable)
+blocks: the largest naturally aligned blocks (order <= 10, never crossing a zone boundary) that
 tile the range, left to right; :meth:`PageAllocator.claimed_blocks` lists them and
 :meth:`PageAllocator.free_range` gives the whole range back. Each of those blocks may also
 be freed on its own with ``free(pfn, order)``.
@@ -41,11 +69,31 @@ be freed on its own with ``free(pfn, order)``.
 from __future__ import annotations
 
 import bisect
+from array import array
 from collections.abc import Iterator, Sequence
 
 import attrs
 import numpy as np
 
+from pool.guest.migratetype import (
+    FALLBACKS,
+    MIGRATE_MOVABLE,
+    MIGRATE_PCPTYPES,
+    MIGRATE_UNMOVABLE,
+    PAGEBLOCK_NR_PAGES,
+    PAGEBLOCK_ORDER,
+    can_steal_fallback,
+)
+from pool.guest.pcp import (
+    NR_LOWORDER_PCP_LISTS,
+    NR_PCP_LISTS,
+    PAGE_ALLOC_COSTLY_ORDER,
+    PerCpuPages,
+    nr_pcp_free,
+    zone_batchsize,
+    zone_highsize,
+    zone_low_wmarks,
+)
 from pool.guest.units import MAX_PAGE_ORDER, NR_ORDERS, PAGE_SHIFT, GiB, MiB
 
 __all__ = [
@@ -64,9 +112,12 @@ _DMA_END_PFN = (16 * MiB) >> PAGE_SHIFT  # 4096
 _DMA32_END_PFN = (4 * GiB) >> PAGE_SHIFT  # 1048576
 
 _FREE = 1  # _state value of the head page of a free block of order o: _FREE + o (1..11)
+_PCP = 16  # ... of a block of order o on a per-cpu list: _PCP + o (16..26)
 _ALLOC = 32  # ... of an allocated block of order o: _ALLOC + o (32..42)
 _FREE_LAST = _FREE + MAX_PAGE_ORDER
+_PCP_LAST = _PCP + MAX_PAGE_ORDER
 _ALLOC_LAST = _ALLOC + MAX_PAGE_ORDER
+_MERGE_LIKELY_MAX = MAX_PAGE_ORDER - 1  # buddy_merge_likely(): false for order >= MAX_ORDER - 2
 
 
 @attrs.frozen
@@ -140,19 +191,25 @@ class PageAllocator:
 
     zones: tuple[Zone, ...]
     end_pfn: int
+    cpus: int
 
     def __init__(
         self,
         end_pfn: int,
         ram: Sequence[tuple[int, int]],
         zones: Sequence[Zone] | None = None,
+        cpus: int = 0,
     ) -> None:
         """ram: [start, end) pfn ranges of usable RAM (holes are the gaps). All RAM starts free,
         put on the free lists as the kernel's memblock_free_all does (largest naturally aligned
-        blocks, max order 10, never crossing a zone boundary or a hole). ``zones`` defaults to
-        ``default_zones(end_pfn)``. ValueError on overlapping RAM ranges or RAM outside zones."""
+        blocks, max order 10, never crossing a zone boundary or a hole), every pageblock
+        MOVABLE. ``zones`` defaults to ``default_zones(end_pfn)``. ``cpus``: the number of CPUs
+        with per-cpu lists (0: none, a plain buddy allocator). ValueError on overlapping RAM
+        ranges, RAM outside zones or a negative CPU count."""
         if end_pfn < 1:
             raise ValueError(f"end_pfn must be positive: {end_pfn}")
+        if cpus < 0:
+            raise ValueError(f"cpus must be >= 0, not {cpus}")
         self.end_pfn = int(end_pfn)
         self.zones = tuple(default_zones(self.end_pfn) if zones is None else zones)
         if not self.zones:
@@ -174,16 +231,25 @@ class PageAllocator:
         self._zone_starts = [zone.start_pfn for zone in self.zones]
         self._zone_bounds = [(zone.start_pfn, zone.end_pfn) for zone in self.zones]
         self._state = bytearray(self.end_pfn)
-        self._lists: list[list[dict[int, None]]] = [
-            [{} for _ in range(NR_ORDERS)] for _ in self.zones
-        ]
+        self._mt = bytearray(self.end_pfn)
+        self._pageblock_mt = bytearray([MIGRATE_MOVABLE]) * (
+            (self.end_pfn + PAGEBLOCK_NR_PAGES - 1) >> PAGEBLOCK_ORDER
+        )
+        self._nr_free = [[0] * NR_ORDERS for _ in self.zones]
         self._free_pages = [0] * len(self.zones)
         self._allocated_pages = 0
         self._ram_pages = sum(end - start for start, end in self._ram)
+        self._managed = [0] * len(self.zones)
+        for start, end in self._ram:
+            for zi, (zs, ze) in enumerate(self._zone_bounds):
+                self._managed[zi] += max(0, min(end, ze) - max(start, zs))
+        if sum(self._managed) != self._ram_pages:
+            raise ValueError("some RAM lies outside every zone")
+        self._nofragment = ("Normal" in self._zone_index) and ("DMA32" in self._zone_index)
+        self._zonelists: dict[tuple[str, ...], tuple[list[int], bool]] = {}
+        self._setup_lists(cpus)
 
-        # memblock_free_all(): ascending pfn, FPI_TO_TAIL. A dict's head is its last key, so
-        # collect the blocks per list and insert them in descending pfn order.
-        per_list: list[list[list[int]]] = [[[] for _ in range(NR_ORDERS)] for _ in self.zones]
+        # memblock_free_all(): ascending pfn, FPI_TO_TAIL, all pageblocks MOVABLE.
         state = self._state
         for start, end in self._ram:
             for zi, (zs, ze) in enumerate(self._zone_bounds):
@@ -191,14 +257,91 @@ class PageAllocator:
                 if lo >= hi:
                     continue
                 for pfn, order in tile_range(lo, hi):
-                    per_list[zi][order].append(pfn)
+                    self._list_add_tail(pfn, self._buddy_list(zi, MIGRATE_MOVABLE, order))
+                    self._nr_free[zi][order] += 1
                     state[pfn] = _FREE + order
                 self._free_pages[zi] += hi - lo
-        if sum(self._free_pages) != self._ram_pages:
-            raise ValueError("some RAM lies outside every zone")
-        for zi, lists in enumerate(per_list):
-            for order, pfns in enumerate(lists):
-                self._lists[zi][order] = dict.fromkeys(reversed(pfns))
+
+    def _setup_lists(self, cpus: int) -> None:
+        """The list heads: one per buddy list (zones x migratetypes x orders), then the pcp
+        lists of ``cpus`` CPUs (:meth:`setup_pcp`)."""
+        self._nr_buddy_lists = len(self.zones) * MIGRATE_PCPTYPES * NR_ORDERS
+        size = self.end_pfn + self._nr_buddy_lists
+        self._next = array("i", [0]) * self.end_pfn
+        self._prev = array("i", [0]) * self.end_pfn
+        self._next.extend(range(self.end_pfn, size))
+        self._prev.extend(range(self.end_pfn, size))
+        self._low_wmark = zone_low_wmarks(self._managed)
+        self._pcp: list[list[PerCpuPages]] = [[] for _ in self.zones]
+        self.cpus = 0
+        self.setup_pcp(cpus)
+
+    def setup_pcp(self, cpus: int) -> None:
+        """Give every zone ``cpus`` per-cpu page sets (``setup_zone_pageset()``), 0 for none:
+        ``batch = zone_batchsize()``, ``high = zone_highsize()`` from the zone's low watermark
+        (``zone_pcp_update()``), 13 empty lists each. ValueError while pcp lists hold pages."""
+        if cpus < 0:
+            raise ValueError(f"cpus must be >= 0, not {cpus}")
+        if self.pcp_pages():
+            raise ValueError("the per-cpu lists hold pages: drain_all_pages() first")
+        base = self.end_pfn + self._nr_buddy_lists
+        del self._next[base:]
+        del self._prev[base:]
+        size = base + len(self.zones) * cpus * NR_PCP_LISTS
+        self._next.extend(range(base, size))
+        self._prev.extend(range(base, size))
+        first = base
+        for zi in range(len(self.zones)):
+            batch = max(1, zone_batchsize(self._managed[zi]))  # zone_set_pageset_high_and_batch()
+            high = zone_highsize(self._low_wmark[zi], batch, cpus) if cpus else 0
+            row = []
+            for _ in range(cpus):
+                row.append(PerCpuPages(first_list=first, high=high, batch=batch))
+                first += NR_PCP_LISTS
+            self._pcp[zi] = row
+        self.cpus = cpus
+
+    # ------------------------------------------------------------------ list primitives
+
+    def _buddy_list(self, zi: int, mt: int, order: int) -> int:
+        """The head node of buddy list (zone, migratetype, order) (``free_area[order]
+        .free_list[mt]``)."""
+        return self.end_pfn + (zi * MIGRATE_PCPTYPES + mt) * NR_ORDERS + order
+
+    def _list_add(self, pfn: int, head: int) -> None:
+        """``list_add()``: insert ``pfn`` at the head."""
+        nxt = self._next
+        first = nxt[head]
+        nxt[pfn] = first
+        self._prev[pfn] = head
+        self._prev[first] = pfn
+        nxt[head] = pfn
+
+    def _list_add_tail(self, pfn: int, head: int) -> None:
+        """``list_add_tail()``: insert ``pfn`` at the tail."""
+        prv = self._prev
+        last = prv[head]
+        self._next[pfn] = head
+        prv[pfn] = last
+        self._next[last] = pfn
+        prv[head] = pfn
+
+    def _list_del(self, pfn: int) -> None:
+        """``list_del()``."""
+        nxt, prv = self._next, self._prev
+        n, p = nxt[pfn], prv[pfn]
+        nxt[p] = n
+        prv[n] = p
+
+    def _list_pfns(self, head: int) -> list[int]:
+        """The pfns on a list, head first."""
+        out = []
+        nxt = self._next
+        node = nxt[head]
+        while node != head:
+            out.append(node)
+            node = nxt[node]
+        return out
 
     # ------------------------------------------------------------------ queries
 
@@ -211,28 +354,97 @@ class PageAllocator:
     def ram_pages(self) -> int:
         return self._ram_pages
 
+    def managed_pages(self, zone: str) -> int:
+        """``zone_managed_pages()``: the RAM pages the zone's allocator was given at boot."""
+        return self._managed[self._zone_idx(zone)]
+
     def allocated_pages(self) -> int:
-        """Pages in allocated blocks (including claimed ranges)."""
+        """Pages in allocated blocks (including claimed ranges; not pages on per-cpu lists)."""
         return self._allocated_pages
 
     def free_pages(self, zone: str | None = None) -> int:
-        """Total free pages, all zones (or one zone)."""
+        """Free pages on the buddy lists (``NR_FREE_PAGES``: not those on per-cpu lists), all
+        zones (or one zone)."""
         if zone is None:
             return sum(self._free_pages)
         return self._free_pages[self._zone_idx(zone)]
 
+    def pcp_pages(self, zone: str | None = None) -> int:
+        """Pages on the per-cpu lists of every CPU, all zones (or one zone)."""
+        rows = self._pcp if zone is None else [self._pcp[self._zone_idx(zone)]]
+        return sum(pcp.count for row in rows for pcp in row)
+
+    def pcp(self, zone: str, cpu: int = 0) -> PerCpuPages:
+        """The ``per_cpu_pages`` of ``cpu`` for ``zone`` (ValueError when there is none)."""
+        zi = self._zone_idx(zone)
+        if not 0 <= cpu < self.cpus:
+            raise ValueError(f"no cpu {cpu}: this allocator has {self.cpus} with pcp lists")
+        return self._pcp[zi][cpu]
+
+    def pcp_list(self, zone: str, cpu: int, migratetype: int, order: int) -> list[int]:
+        """pfns on one per-cpu list (``pcp->lists[order_to_pindex(mt, order)]``), head first."""
+        pcp = self.pcp(zone, cpu)
+        pindex = (
+            NR_LOWORDER_PCP_LISTS
+            if order > PAGE_ALLOC_COSTLY_ORDER
+            else (MIGRATE_PCPTYPES * order + migratetype)
+        )
+        return self._list_pfns(pcp.first_list + pindex)
+
+    def pcp_blocks(self) -> Iterator[tuple[int, int]]:
+        """``(pfn, order)`` of every block on a per-cpu list, every zone and CPU."""
+        for row in self._pcp:
+            for pcp in row:
+                for pindex in range(NR_PCP_LISTS):
+                    order = PAGEBLOCK_ORDER if pindex == NR_LOWORDER_PCP_LISTS else pindex // 3
+                    for pfn in self._list_pfns(pcp.first_list + pindex):
+                        yield pfn, order
+
+    def low_wmark(self, zone: str) -> int:
+        """The zone's ``WMARK_LOW`` in pages (pool.guest.pcp.zone_low_wmarks)."""
+        return self._low_wmark[self._zone_idx(zone)]
+
     def nr_free(self, zone: str) -> tuple[int, ...]:
-        """Free blocks per order 0..10 in ``zone``: one row of /proc/buddyinfo."""
-        return tuple(len(d) for d in self._lists[self._zone_idx(zone)])
+        """Free blocks per order 0..10 in ``zone``, all migratetypes: one row of
+        /proc/buddyinfo (pages on per-cpu lists are not free there)."""
+        return tuple(self._nr_free[self._zone_idx(zone)])
+
+    def nr_free_by_type(self, zone: str, migratetype: int) -> tuple[int, ...]:
+        """Free blocks per order of one migratetype: one row of /proc/pagetypeinfo."""
+        zi = self._zone_idx(zone)
+        return tuple(
+            len(self._list_pfns(self._buddy_list(zi, migratetype, order)))
+            for order in range(NR_ORDERS)
+        )
 
     def buddyinfo(self) -> list[tuple[str, tuple[int, ...]]]:
         """``(zone name, nr_free row)`` for every zone, in zone order."""
         return [(zone.name, self.nr_free(zone.name)) for zone in self.zones]
 
-    def free_blocks(self, zone: str, order: int) -> list[int]:
-        """pfns of the free blocks of ``order`` in ``zone``, head of the list first."""
+    def free_blocks(self, zone: str, order: int, migratetype: int | None = None) -> list[int]:
+        """pfns of the free blocks of ``order`` in ``zone``, head of the list first: of one
+        migratetype, or of all (unmovable, movable, reclaimable lists one after the other)."""
         self._check_order(order)
-        return list(reversed(self._lists[self._zone_idx(zone)][order]))
+        zi = self._zone_idx(zone)
+        types = range(MIGRATE_PCPTYPES) if migratetype is None else (migratetype,)
+        out: list[int] = []
+        for mt in types:
+            out.extend(self._list_pfns(self._buddy_list(zi, mt, order)))
+        return out
+
+    def pageblock_migratetype(self, pfn: int) -> int:
+        """``get_pfnblock_migratetype()``: the migratetype of the pageblock holding ``pfn``."""
+        return self._pageblock_mt[pfn >> PAGEBLOCK_ORDER]
+
+    def pageblock_counts(self, zone: str) -> tuple[int, ...]:
+        """Pageblocks of the zone per migratetype (unmovable, movable, reclaimable): the
+        "Number of blocks type" table of /proc/pagetypeinfo (pageblocks whose first pfn lies
+        in the zone)."""
+        zone_obj = self.zones[self._zone_idx(zone)]
+        first = -(-zone_obj.start_pfn // PAGEBLOCK_NR_PAGES)
+        last = -(-zone_obj.end_pfn // PAGEBLOCK_NR_PAGES)
+        block = np.frombuffer(self._pageblock_mt, dtype=np.uint8)[first:last]
+        return tuple(int(n) for n in np.bincount(block, minlength=MIGRATE_PCPTYPES))
 
     def zone_of(self, pfn: int) -> Zone | None:
         """The zone spanning ``pfn``, or None."""
@@ -250,92 +462,507 @@ class PageAllocator:
         value = self._state[pfn]
         return value - _ALLOC if _ALLOC <= value <= _ALLOC_LAST else None
 
+    def allocated_migratetype(self, pfn: int) -> int | None:
+        """The migratetype the block at ``pfn`` was allocated as, None if it is not allocated."""
+        if self.allocated_order(pfn) is None:
+            return None
+        return self._mt[pfn]
+
     def is_free(self, pfn: int) -> bool:
-        """Whether page ``pfn`` lies inside some free block."""
+        """Whether page ``pfn`` lies inside some free block on a buddy list."""
         block = self._block_containing(pfn)
         return block is not None and _FREE <= block[1] <= _FREE_LAST
 
+    def on_pcp(self, pfn: int) -> bool:
+        """Whether page ``pfn`` lies inside a block on a per-cpu list."""
+        block = self._block_containing(pfn)
+        return block is not None and _PCP <= block[1] <= _PCP_LAST
+
     def block_of(self, pfn: int) -> tuple[int, int, bool] | None:
-        """``(head pfn, order, is_free)`` of the block containing ``pfn``; None for a hole."""
+        """``(head pfn, order, is_free)`` of the block containing ``pfn``; None for a hole. A
+        block on a per-cpu list is not free (it is not on the buddy lists)."""
         block = self._block_containing(pfn)
         if block is None:
             return None
         head, value = block
         if value <= _FREE_LAST:
             return head, value - _FREE, True
+        if value <= _PCP_LAST:
+            return head, value - _PCP, False
         return head, value - _ALLOC, False
 
     # ------------------------------------------------------------------ alloc / free
 
-    def alloc(self, order: int, zonelist: Sequence[str] = ("Normal", "DMA32")) -> int | None:
-        """__rmqueue_smallest: first zone in the zonelist with a free block of order >= `order`;
-        take the smallest such order, the block at the HEAD of its free list; split, returning
-        upper halves to lower free lists (kernel's expand()). None if no zone can serve. Raises
-        ValueError for order outside 0..10 or a zone name that is not a zone at all (a known
-        zone this guest lacks, e.g. Normal below 4 GiB, is skipped)."""
+    def alloc(
+        self,
+        order: int,
+        zonelist: Sequence[str] = ("Normal", "DMA32"),
+        migratetype: int = MIGRATE_MOVABLE,
+        cpu: int = 0,
+    ) -> int | None:
+        """``get_page_from_freelist()`` over ``zonelist``, then the drain-and-retry of the slow
+        path (module docstring): the first pfn of a block of ``order`` allocated as
+        ``migratetype`` on ``cpu``, or None if no zone can serve. Raises ValueError for order
+        outside 0..10, a bad CPU, or a zone name that is not a zone at all (a known zone this
+        guest lacks, e.g. Normal below 4 GiB, is skipped)."""
         if not 0 <= order <= MAX_PAGE_ORDER:
             raise ValueError(f"order must be in 0..{MAX_PAGE_ORDER}, not {order}")
-        for name in zonelist:
-            zi = self._zone_index.get(name)
-            if zi is None:
-                if name not in ZONE_NAMES:
-                    raise ValueError(f"unknown zone {name!r} (zones: {list(self._zone_index)})")
-                continue  # a zone this guest does not have (e.g. Normal below 4 GiB)
-            lists = self._lists[zi]
-            for current in range(order, NR_ORDERS):
-                free_list = lists[current]
-                if free_list:
-                    pfn = free_list.popitem()[0]
-                    state = self._state
-                    while current > order:  # expand()
-                        current -= 1
-                        upper = pfn + (1 << current)
-                        lists[current][upper] = None
-                        state[upper] = _FREE + current
-                    state[pfn] = _ALLOC + order
+        if self.cpus and not 0 <= cpu < self.cpus:
+            raise ValueError(f"no cpu {cpu}: this allocator has {self.cpus} with pcp lists")
+        zis, nofragment = self._zonelist(zonelist)
+        use_pcp = self.cpus > 0 and (order <= PAGE_ALLOC_COSTLY_ORDER or order == PAGEBLOCK_ORDER)
+        drained = False
+        while True:
+            for zi in zis:
+                pfn = -1
+                if use_pcp:
+                    pfn = self._rmqueue_pcplist(zi, order, migratetype, nofragment, cpu)
+                if pfn < 0:
+                    pfn = self._rmqueue(zi, order, migratetype, nofragment)  # rmqueue_buddy()
+                    if pfn < 0:
+                        continue
                     self._free_pages[zi] -= 1 << order
-                    self._allocated_pages += 1 << order
-                    return pfn
+                self._state[pfn] = _ALLOC + order
+                self._mt[pfn] = migratetype
+                self._allocated_pages += 1 << order
+                return pfn
+            if nofragment:
+                nofragment = False  # get_page_from_freelist(): retry allowing fallbacks
+            elif not drained and self.pcp_pages():
+                self.drain_all_pages()  # __alloc_pages_direct_reclaim(): drain, retry once
+                drained = True
+            else:
+                break
         return None
 
-    def free(self, pfn: int, order: int) -> None:
-        """__free_pages: merge with free buddies (buddy = pfn ^ (1 << o); merged block at
-        pfn & ~(1 << o)) up to order 10, never across zones; the merged block goes to the head of
-        its list (buddy_merge_likely's tail placement is not modeled). Raises ValueError (clear
-        message) when pfn is not the start of a block allocated at exactly that order (double
-        free, wrong order, never allocated): state unchanged."""
+    def alloc_bulk(
+        self,
+        nr_pages: int,
+        zonelist: Sequence[str] = ("Normal", "DMA32"),
+        migratetype: int = MIGRATE_UNMOVABLE,
+        cpu: int = 0,
+    ) -> list[int]:
+        """``__alloc_pages_bulk()``: up to ``nr_pages`` order-0 pages, in the order taken.
+
+        The zone is the first of the zonelist whose free pages exceed its low watermark plus
+        ``nr_pages`` (``zone_watermark_fast()``); the pages come from the head of that zone's pcp
+        list for ``migratetype`` on ``cpu`` (``__rmqueue_pcplist()``, refilled with
+        ``rmqueue_bulk()`` as often as it runs empty, without ``ALLOC_NOFRAGMENT``), until the
+        request is met or the zone runs out. One page, no zone meeting its watermark, no
+        per-cpu lists, or nothing from the pcp list: one single-page allocation instead
+        (``goto failed``). May return fewer pages than asked, or none."""
+        if nr_pages <= 0:
+            return []
+        zis = self._zonelist(zonelist)[0]
+        chosen = -1
+        if nr_pages > 1 and self.cpus:
+            for zi in zis:
+                if self._free_pages[zi] > self._low_wmark[zi] + nr_pages:
+                    chosen = zi
+                    break
+        pages: list[int] = []
+        if chosen >= 0:
+            if not 0 <= cpu < self.cpus:
+                raise ValueError(f"no cpu {cpu}: this allocator has {self.cpus} with pcp lists")
+            pcp = self._pcp[chosen][cpu]
+            state, mts = self._state, self._mt
+            pindex = MIGRATE_PCPTYPES * 0 + migratetype
+            while len(pages) < nr_pages:
+                pfn = self._rmqueue_pcp_list(chosen, 0, migratetype, False, pcp, pindex)
+                if pfn < 0:
+                    break
+                state[pfn] = _ALLOC
+                mts[pfn] = migratetype
+                pages.append(pfn)
+            self._allocated_pages += len(pages)
+        if not pages:
+            pfn1 = self.alloc(0, zonelist, migratetype, cpu)
+            if pfn1 is not None:
+                pages.append(pfn1)
+        return pages
+
+    def free(self, pfn: int, order: int, cpu: int = 0) -> None:
+        """``__free_pages()``: orders 0..3 and 9 to the head of ``cpu``'s pcp list of the
+        pageblock's migratetype (``free_unref_page()``, which may drain a batch back to the
+        buddy lists), others straight to the buddy lists (``free_one_page()``: merge, head or
+        tail placement). Raises ValueError (clear message) when pfn is not the start of a block
+        allocated at exactly that order (double free, wrong order, never allocated): state
+        unchanged."""
         if not 0 <= order <= MAX_PAGE_ORDER:
             raise ValueError(f"order must be in 0..{MAX_PAGE_ORDER}, not {order}")
         state = self._state
         if not 0 <= pfn < self.end_pfn or state[pfn] != _ALLOC + order:
             raise ValueError(self._explain_bad_free(pfn, order))
         zi = self._zone_of(pfn)
-        zone_start, zone_end = self._zone_bounds[zi]
-        lists = self._lists[zi]
+        self._allocated_pages -= 1 << order
+        mt = self._pageblock_mt[pfn >> PAGEBLOCK_ORDER]
+        if self.cpus and (order <= PAGE_ALLOC_COSTLY_ORDER or order == PAGEBLOCK_ORDER):
+            if not 0 <= cpu < self.cpus:
+                raise ValueError(f"no cpu {cpu}: this allocator has {self.cpus} with pcp lists")
+            state[pfn] = _PCP + order
+            self._mt[pfn] = mt  # free_unref_page_prepare(): set_pcppage_migratetype()
+            self._free_unref_page_commit(zi, self._pcp[zi][cpu], pfn, mt, order)
+            return
         state[pfn] = 0
-        size = 1 << order
-        self._allocated_pages -= size
-        self._free_pages[zi] += size
+        self._free_one_page(pfn, zi, order, mt)
+
+    def drain_all_pages(self) -> None:
+        """``drain_all_pages(NULL)``: every CPU's pcp lists of every zone back to the buddy
+        lists (``drain_pages_zone()`` = ``free_pcppages_bulk(zone, pcp->count, pcp, 0)``)."""
+        for zi, row in enumerate(self._pcp):
+            for pcp in row:
+                if pcp.count:
+                    self._free_pcppages_bulk(zi, pcp.count, pcp, 0)
+
+    # ------------------------------------------------------------------ the kernel's paths
+
+    def _zonelist(self, zonelist: Sequence[str]) -> tuple[list[int], bool]:
+        """The zone indexes of ``zonelist`` (zones this guest lacks skipped) and whether its
+        allocations start with ``ALLOC_NOFRAGMENT`` (``alloc_flags_nofragment()``: the
+        preferred zone is Normal and DMA32 exists). Cached per zonelist."""
+        key = tuple(zonelist)
+        cached = self._zonelists.get(key)
+        if cached is not None:
+            return cached
+        zis = []
+        for name in key:
+            zi = self._zone_index.get(name)
+            if zi is None:
+                if name not in ZONE_NAMES:
+                    raise ValueError(f"unknown zone {name!r} (zones: {list(self._zone_index)})")
+                continue  # a zone this guest does not have (e.g. Normal below 4 GiB)
+            zis.append(zi)
+        nofragment = self._nofragment and bool(zis) and self.zones[zis[0]].name == "Normal"
+        self._zonelists[key] = (zis, nofragment)
+        return zis, nofragment
+
+    def _rmqueue_smallest(self, zi: int, order: int, mt: int) -> int:
+        """``__rmqueue_smallest()``: the head block of the smallest order >= ``order`` on the
+        lists of ``mt``, split by ``expand()`` (upper halves to the heads of the lower lists of
+        ``mt``). Returns its pfn (state byte cleared, ``_mt`` set to ``mt``: the caller marks
+        it), or -1. The zone's free counter is the caller's to lower."""
+        end = self.end_pfn
+        base = end + (zi * MIGRATE_PCPTYPES + mt) * NR_ORDERS
+        nxt, prv = self._next, self._prev
+        nr_free = self._nr_free[zi]
+        state = self._state
+        for current in range(order, NR_ORDERS):
+            head = base + current
+            pfn = nxt[head]
+            if pfn == head:
+                continue
+            n = nxt[pfn]  # del_page_from_free_list()
+            nxt[head] = n
+            prv[n] = head
+            nr_free[current] -= 1
+            while current > order:  # expand()
+                current -= 1
+                upper = pfn + (1 << current)
+                lhead = base + current
+                first = nxt[lhead]
+                nxt[upper] = first
+                prv[upper] = lhead
+                prv[first] = upper
+                nxt[lhead] = upper
+                nr_free[current] += 1
+                state[upper] = _FREE + current
+            state[pfn] = 0
+            self._mt[pfn] = mt  # set_pcppage_migratetype()
+            return pfn
+        return -1
+
+    def _rmqueue(self, zi: int, order: int, mt: int, nofragment: bool) -> int:
+        """``__rmqueue()``: ``__rmqueue_smallest()``; when that fails, ``__rmqueue_fallback()``
+        and retry. The pfn (caller marks it; the zone's free counter is lowered by the caller),
+        or -1."""
+        while True:
+            pfn = self._rmqueue_smallest(zi, order, mt)
+            if pfn >= 0:
+                return pfn
+            if not self._rmqueue_fallback(zi, order, mt, nofragment):
+                return -1
+
+    def _find_suitable_fallback(self, zi: int, order: int, mt: int) -> tuple[int, bool]:
+        """``find_suitable_fallback(area, order, mt, only_stealable=false)``: the first type of
+        ``fallbacks[mt]`` with a free block of ``order``, and ``can_steal_fallback()``."""
+        if not self._nr_free[zi][order]:
+            return -1, False
+        nxt = self._next
+        for fallback_mt in FALLBACKS[mt]:
+            head = self._buddy_list(zi, fallback_mt, order)
+            if nxt[head] != head:
+                return fallback_mt, can_steal_fallback(order, mt)
+        return -1, False
+
+    def _rmqueue_fallback(self, zi: int, order: int, start_mt: int, nofragment: bool) -> bool:
+        """``__rmqueue_fallback()``: find the largest free block of a fallback type (not below
+        ``pageblock_order`` with ``ALLOC_NOFRAGMENT``); a movable request that may not steal
+        the whole block takes the smallest suitable one instead; ``steal_suitable_fallback()``
+        moves it (and maybe its pageblock) to ``start_mt``'s lists. False when there is none."""
+        min_order = PAGEBLOCK_ORDER if nofragment else order
+        for current in range(MAX_PAGE_ORDER, min_order - 1, -1):
+            fallback_mt, can_steal = self._find_suitable_fallback(zi, current, start_mt)
+            if fallback_mt < 0:
+                continue
+            if not can_steal and start_mt == MIGRATE_MOVABLE and current > order:
+                for current in range(order, NR_ORDERS):  # find_smallest
+                    fallback_mt, can_steal = self._find_suitable_fallback(zi, current, start_mt)
+                    if fallback_mt >= 0:
+                        break
+            pfn = self._next[self._buddy_list(zi, fallback_mt, current)]
+            self._steal_suitable_fallback(zi, pfn, current, start_mt, can_steal)
+            return True
+        return False
+
+    def _steal_suitable_fallback(
+        self, zi: int, pfn: int, current_order: int, start_type: int, whole_block: bool
+    ) -> None:
+        """``steal_suitable_fallback()``: a block of a whole pageblock or more changes its
+        pageblocks' type (``change_pageblock_range()``) and moves to ``start_type``'s list;
+        otherwise, when whole-block stealing is allowed, every free page of the pageblock moves
+        to ``start_type`` (``move_freepages_block()``) and the pageblock itself changes type
+        when at least half of it is free or of a compatible type (for an unmovable or
+        reclaimable request from a movable block, every page that is not free and not movable
+        counts as compatible). Otherwise only the block moves. (Watermark boosting is not
+        modeled.)"""
+        pbm = self._pageblock_mt
+        old_block_type = pbm[pfn >> PAGEBLOCK_ORDER]
+        if current_order >= PAGEBLOCK_ORDER:
+            first = pfn >> PAGEBLOCK_ORDER
+            for block in range(first, first + (1 << (current_order - PAGEBLOCK_ORDER))):
+                pbm[block] = start_type
+        elif whole_block:
+            free_pages, movable_pages = self._move_freepages_block(zi, pfn, start_type)
+            if start_type == MIGRATE_MOVABLE:
+                alike_pages = movable_pages
+            elif old_block_type == MIGRATE_MOVABLE:
+                alike_pages = PAGEBLOCK_NR_PAGES - (free_pages + movable_pages)
+            else:
+                alike_pages = 0
+            if free_pages:
+                if free_pages + alike_pages >= PAGEBLOCK_NR_PAGES >> 1:
+                    pbm[pfn >> PAGEBLOCK_ORDER] = start_type
+                return
+        # single_page: move_to_free_list() (list_move_tail)
+        self._list_del(pfn)
+        self._list_add_tail(pfn, self._buddy_list(zi, start_type, current_order))
+
+    def _move_freepages_block(self, zi: int, pfn: int, mt: int) -> tuple[int, int]:
+        """``move_freepages_block()``: move every free block of ``pfn``'s pageblock to the tail of
+        ``mt``'s lists; returns (pages moved, pages allocated as movable in the block). A
+        pageblock that starts before the zone starts at ``pfn``; one that ends after the zone
+        moves nothing."""
+        start = pfn & ~(PAGEBLOCK_NR_PAGES - 1)
+        end = start + PAGEBLOCK_NR_PAGES - 1
+        zone_start, zone_end = self._zone_bounds[zi]
+        if start < zone_start:
+            start = pfn
+        if end >= zone_end:
+            return 0, 0
+        state, mts = self._state, self._mt
+        moved = movable = 0
+        p = start
+        while p <= end:
+            value = state[p]
+            if _FREE <= value <= _FREE_LAST:
+                order = value - _FREE
+                self._list_del(p)
+                self._list_add_tail(p, self._buddy_list(zi, mt, order))
+                p += 1 << order
+                moved += 1 << order
+            elif value >= _ALLOC:
+                size = 1 << (value - _ALLOC)
+                if mts[p] == MIGRATE_MOVABLE:  # PageLRU(page) || __PageMovable(page)
+                    movable += min(size, end + 1 - p)
+                p += size
+            elif value >= _PCP:
+                p += 1 << (value - _PCP)
+            else:  # a hole, or inside a block that starts before the pageblock
+                block = self._block_containing(p)
+                if block is None:
+                    p += 1
+                    continue
+                head, value = block
+                size = 1 << (value - (_ALLOC if value >= _ALLOC else _PCP))
+                if value >= _ALLOC and mts[head] == MIGRATE_MOVABLE:
+                    movable += min(head + size, end + 1) - p
+                p = head + size
+        return moved, movable
+
+    def _free_one_page(self, pfn: int, zi: int, order: int, mt: int, to_tail: bool = False) -> None:
+        """``__free_one_page()``: merge with free buddies up to order 10 (never across the zone),
+        then add the block to the lists of ``mt``: at the tail with ``FPI_TO_TAIL`` or when
+        ``buddy_merge_likely()`` (the buddy of the next-higher order is free, so the block will
+        likely merge soon), else at the head. The zone's free counter rises by the block."""
+        state = self._state
+        zone_start, zone_end = self._zone_bounds[zi]
+        nr_free = self._nr_free[zi]
+        nxt, prv = self._next, self._prev
+        self._free_pages[zi] += 1 << order
         while order < MAX_PAGE_ORDER:
             buddy = pfn ^ (1 << order)
             if buddy < zone_start or buddy >= zone_end or state[buddy] != _FREE + order:
                 break
-            del lists[order][buddy]
+            n, p = nxt[buddy], prv[buddy]  # del_page_from_free_list(buddy)
+            nxt[p] = n
+            prv[n] = p
+            nr_free[order] -= 1
             state[buddy] = 0
             pfn &= ~(1 << order)
             order += 1
-        lists[order][pfn] = None
         state[pfn] = _FREE + order
+        nr_free[order] += 1
+        head = self.end_pfn + (zi * MIGRATE_PCPTYPES + mt) * NR_ORDERS + order
+        if not to_tail and order < _MERGE_LIKELY_MAX:  # buddy_merge_likely()
+            higher_buddy = (pfn & ~(1 << order)) ^ (1 << (order + 1))
+            to_tail = zone_start <= higher_buddy < zone_end and state[higher_buddy] == (
+                _FREE + order + 1
+            )
+        if to_tail:
+            last = prv[head]
+            nxt[pfn] = head
+            prv[pfn] = last
+            nxt[last] = pfn
+            prv[head] = pfn
+        else:
+            first = nxt[head]
+            nxt[pfn] = first
+            prv[pfn] = head
+            prv[first] = pfn
+            nxt[head] = pfn
+
+    def _free_unref_page_commit(
+        self, zi: int, pcp: PerCpuPages, pfn: int, mt: int, order: int
+    ) -> None:
+        """``free_unref_page_commit()``: the block (state already _PCP) goes to the head of its
+        pcp list; when ``count`` reaches ``high`` (0 — drain everything — when freeing a block
+        of order 1..3 while ``free_factor`` is up), ``free_pcppages_bulk()`` returns
+        ``nr_pcp_free()`` pages."""
+        pindex = (
+            NR_LOWORDER_PCP_LISTS
+            if order > PAGE_ALLOC_COSTLY_ORDER
+            else (MIGRATE_PCPTYPES * order + mt)
+        )
+        head = pcp.first_list + pindex
+        nxt = self._next
+        first = nxt[head]
+        nxt[pfn] = first
+        self._prev[pfn] = head
+        self._prev[first] = pfn
+        nxt[head] = pfn
+        pcp.count += 1 << order
+        free_high = bool(pcp.free_factor) and 0 < order <= PAGE_ALLOC_COSTLY_ORDER
+        high = 0 if free_high or not pcp.high else pcp.high  # nr_pcp_high()
+        if pcp.count >= high:
+            self._free_pcppages_bulk(zi, nr_pcp_free(pcp, high, pcp.batch, free_high), pcp, pindex)
+
+    def _free_pcppages_bulk(self, zi: int, count: int, pcp: PerCpuPages, pindex: int) -> None:
+        """``free_pcppages_bulk()``: ``count`` pages (at most ``pcp->count``) from the lists,
+        round-robin from ``pindex`` on, each list's blocks taken from its *tail* until the list
+        is empty or the count is met, each to ``__free_one_page()`` with its pcp migratetype."""
+        count = min(pcp.count, count)
+        min_pindex, max_pindex = 0, NR_PCP_LISTS - 1
+        pindex -= 1
+        nxt, prv = self._next, self._prev
+        state, mts = self._state, self._mt
+        first = pcp.first_list
+        while count > 0:
+            while True:  # remove pages from lists in a round-robin fashion
+                pindex += 1
+                if pindex > max_pindex:
+                    pindex = min_pindex
+                head = first + pindex
+                if nxt[head] != head:
+                    break
+                if pindex == max_pindex:
+                    max_pindex -= 1
+                if pindex == min_pindex:
+                    min_pindex += 1
+            order = PAGEBLOCK_ORDER if pindex == NR_LOWORDER_PCP_LISTS else pindex // 3
+            nr_pages = 1 << order
+            while True:
+                page = prv[head]  # list_last_entry()
+                p = prv[page]
+                nxt[p] = head
+                prv[head] = p
+                count -= nr_pages
+                pcp.count -= nr_pages
+                state[page] = 0
+                self._free_one_page(page, zi, order, mts[page])
+                if count <= 0 or nxt[head] == head:
+                    break
+
+    def _rmqueue_pcplist(self, zi: int, order: int, mt: int, nofragment: bool, cpu: int) -> int:
+        """``rmqueue_pcplist()``: halve ``free_factor`` (an allocation ends a run of frees),
+        then ``__rmqueue_pcplist()`` on the list for (``mt``, ``order``)."""
+        pcp = self._pcp[zi][cpu]
+        pcp.free_factor >>= 1
+        pindex = (
+            NR_LOWORDER_PCP_LISTS
+            if order > PAGE_ALLOC_COSTLY_ORDER
+            else (MIGRATE_PCPTYPES * order + mt)
+        )
+        return self._rmqueue_pcp_list(zi, order, mt, nofragment, pcp, pindex)
+
+    def _rmqueue_pcp_list(
+        self, zi: int, order: int, mt: int, nofragment: bool, pcp: PerCpuPages, pindex: int
+    ) -> int:
+        """``__rmqueue_pcplist()``: an empty list is refilled first with ``rmqueue_bulk()`` of
+        ``max(batch >> order, 2)`` blocks (``batch`` itself when it is 1 or less); then the
+        block at the list's head is taken. The pfn (state cleared), or -1."""
+        head = pcp.first_list + pindex
+        nxt = self._next
+        if nxt[head] == head:
+            batch = pcp.batch
+            if batch > 1:
+                batch = max(batch >> order, 2)
+            pcp.count += self._rmqueue_bulk(zi, order, batch, head, mt, nofragment) << order
+            if nxt[head] == head:
+                return -1
+        pfn = nxt[head]
+        n = nxt[pfn]
+        nxt[head] = n
+        self._prev[n] = head
+        pcp.count -= 1 << order
+        self._state[pfn] = 0
+        return pfn
+
+    def _rmqueue_bulk(
+        self, zi: int, order: int, count: int, head: int, mt: int, nofragment: bool
+    ) -> int:
+        """``rmqueue_bulk()``: up to ``count`` blocks from ``__rmqueue()``, each added to the
+        *tail* of the pcp list (so a split block's pieces are handed out in physical order).
+        Returns how many were added."""
+        state = self._state
+        prv, nxt = self._prev, self._next
+        allocated = 0
+        for _ in range(count):
+            pfn = self._rmqueue(zi, order, mt, nofragment)
+            if pfn < 0:
+                break
+            last = prv[head]
+            nxt[pfn] = head
+            prv[pfn] = last
+            nxt[last] = pfn
+            prv[head] = pfn
+            state[pfn] = _PCP + order
+            allocated += 1
+        self._free_pages[zi] -= allocated << order
+        return allocated
+
+    # ------------------------------------------------------------------ claimed ranges
 
     def claim_range(self, start_pfn: int, npages: int) -> bool:
         """Take every page of [start, start+npages) off the free lists (splitting free blocks as
-        needed, like alloc_contig_range at boot), recording it as allocated blocks: the largest
-        naturally aligned blocks (order <= 10, never crossing a zone boundary) that tile the range
-        left to right, as listed by ``claimed_blocks(start, npages)``. Give them back with
-        ``free(pfn, order)`` block by block, or all at once with ``free_range(start, npages)``.
-        The parts of split free blocks outside the range go back to the heads of the free lists.
-        Returns False and changes nothing if any page in the range is allocated or not RAM;
-        ValueError if npages < 1."""
+        needed, like alloc_contig_range at boot; per-cpu lists are drained first when they hold
+        pages of the range, as alloc_contig_range does), recording it as allocated unmovable
+        blocks: the largest naturally aligned blocks (order <= 10, never crossing a zone
+        boundary) that tile the range left to right, as listed by ``claimed_blocks(start,
+        npages)``. Give them back with ``free(pfn, order)`` block by block, or all at once with
+        ``free_range(start, npages)``. The parts of split free blocks outside the range go back
+        to the heads of the free lists of their pageblocks' types. Returns False and changes
+        nothing (but a drain) if any page in the range is allocated or not RAM; ValueError if
+        npages < 1."""
         if npages < 1:
             raise ValueError(f"npages must be positive, not {npages}")
         end_pfn = start_pfn + npages
@@ -343,8 +970,14 @@ class PageAllocator:
             return False
         blocks: list[tuple[int, int]] = []
         pfn = start_pfn
+        drained = False
         while pfn < end_pfn:
             block = self._block_containing(pfn)
+            if block is not None and _PCP <= block[1] <= _PCP_LAST and not drained:
+                self.drain_all_pages()
+                drained = True
+                blocks, pfn = [], start_pfn
+                continue
             if block is None or not _FREE <= block[1] <= _FREE_LAST:
                 return False
             head, order = block[0], block[1] - _FREE
@@ -353,7 +986,8 @@ class PageAllocator:
         state = self._state
         for head, order in blocks:
             zi = self._zone_of(head)
-            del self._lists[zi][order][head]
+            self._list_del(head)
+            self._nr_free[zi][order] -= 1
             state[head] = 0
             self._free_pages[zi] -= 1 << order
             block_end = head + (1 << order)
@@ -363,6 +997,7 @@ class PageAllocator:
                 self._add_free_range(zi, end_pfn, block_end)
         for pfn, order in self.claimed_blocks(start_pfn, npages):
             state[pfn] = _ALLOC + order
+            self._mt[pfn] = MIGRATE_UNMOVABLE
             self._allocated_pages += 1 << order
         return True
 
@@ -398,16 +1033,20 @@ class PageAllocator:
     def check_invariants(self) -> None:
         """Raise AssertionError naming the first broken invariant: block heads aligned and inside
         one zone and one RAM range, no two blocks overlapping, every RAM page in exactly one block,
-        free lists equal to the free heads of the state array, page counters right, and no pair of
-        free buddies left unmerged. Vectorized (numpy): ~0.1 s per 16 GiB."""
+        every free head on exactly one buddy list of its zone and order and every pcp head on the
+        pcp list of its order (no block on both), list links consistent, counters (free, pcp,
+        allocated, nr_free, pcp counts) right, and no pair of free buddies left unmerged."""
         st = np.frombuffer(self._state, dtype=np.uint8)
         heads = np.flatnonzero(st).astype(np.int64)
         values = st[heads].astype(np.int64)
         free_mask = (values >= _FREE) & (values <= _FREE_LAST)
+        pcp_mask = (values >= _PCP) & (values <= _PCP_LAST)
         alloc_mask = (values >= _ALLOC) & (values <= _ALLOC_LAST)
-        bad = ~(free_mask | alloc_mask)
+        bad = ~(free_mask | pcp_mask | alloc_mask)
         assert not bad.any(), f"bad state byte {values[bad][0]} at pfn {heads[bad][0]}"
-        orders = np.where(free_mask, values - _FREE, values - _ALLOC)
+        orders = np.where(
+            free_mask, values - _FREE, np.where(pcp_mask, values - _PCP, values - _ALLOC)
+        )
         sizes = np.left_shift(np.int64(1), orders)
         ends = heads + sizes
         misaligned = (heads & (sizes - 1)) != 0
@@ -419,7 +1058,6 @@ class PageAllocator:
         assert not overlap.any(), (
             f"block at pfn {heads[:-1][overlap][0]} overlaps the block at {heads[1:][overlap][0]}"
         )
-        # Each block inside one RAM range and one zone.
         ram_starts = np.array([s for s, _ in self._ram] or [0], dtype=np.int64)
         ram_ends = np.array([e for _, e in self._ram] or [0], dtype=np.int64)
         ri = np.searchsorted(ram_starts, heads, side="right") - 1
@@ -438,31 +1076,65 @@ class PageAllocator:
         assert allocated == self._allocated_pages, (
             f"allocated counter {self._allocated_pages} != {allocated} pages in allocated blocks"
         )
-        # Free lists against the state array.
-        for z, (zone, lists) in enumerate(zip(self.zones, self._lists, strict=True)):
+        # Buddy lists against the state array, and the links of every list.
+        seen = np.zeros(self.end_pfn, dtype=np.bool_)
+        nxt, prv = self._next, self._prev
+        listed_free = 0
+        for z, zone in enumerate(self.zones):
             zone_free = free_mask & (zi == z)
             counts = np.bincount(orders[zone_free], minlength=NR_ORDERS)
             pages = 0
-            for order, free_list in enumerate(lists):
-                assert len(free_list) == counts[order], (
-                    f"zone {zone.name} order {order}: list holds {len(free_list)} blocks, "
-                    f"state has {counts[order]} free heads"
+            for order in range(NR_ORDERS):
+                n = 0
+                for mt in range(MIGRATE_PCPTYPES):
+                    for pfn in self._walk(self._buddy_list(z, mt, order)):
+                        assert zone.start_pfn <= pfn < zone.end_pfn and st[pfn] == _FREE + order, (
+                            f"zone {zone.name} order {order}: pfn {pfn} on the free list of "
+                            f"migratetype {mt} is not a free block of that order in that zone"
+                        )
+                        assert not seen[pfn], f"pfn {pfn} is on two lists"
+                        seen[pfn] = True
+                        n += 1
+                assert n == counts[order] == self._nr_free[z][order], (
+                    f"zone {zone.name} order {order}: lists hold {n} blocks, nr_free says "
+                    f"{self._nr_free[z][order]}, state has {counts[order]} free heads"
                 )
-                if free_list:
-                    keys = np.fromiter(free_list, dtype=np.int64, count=len(free_list))
-                    wrong = (
-                        (keys < zone.start_pfn)
-                        | (keys >= zone.end_pfn)
-                        | (st[np.clip(keys, 0, self.end_pfn - 1)] != _FREE + order)
-                    )
-                    assert not wrong.any(), (
-                        f"zone {zone.name} order {order}: pfn {keys[wrong][0]} on the free list "
-                        "is not a free block of that order in that zone"
-                    )
-                pages += len(free_list) << order
+                pages += n << order
+                listed_free += n
             assert pages == self._free_pages[z], (
                 f"zone {zone.name}: free counter {self._free_pages[z]} != {pages} listed pages"
             )
+        # Per-cpu lists.
+        pcp_pages = 0
+        pcp_heads = 0
+        for z, row in enumerate(self._pcp):
+            zone = self.zones[z]
+            for cpu, pcp in enumerate(row):
+                count = 0
+                for pindex in range(NR_PCP_LISTS):
+                    order = PAGEBLOCK_ORDER if pindex == NR_LOWORDER_PCP_LISTS else pindex // 3
+                    for pfn in self._walk(pcp.first_list + pindex):
+                        assert zone.start_pfn <= pfn < zone.end_pfn and st[pfn] == _PCP + order, (
+                            f"zone {zone.name} cpu {cpu} pcp list {pindex}: pfn {pfn} is not a "
+                            f"pcp block of order {order} in that zone"
+                        )
+                        assert not seen[pfn], f"pfn {pfn} is on two lists (buddy and pcp?)"
+                        seen[pfn] = True
+                        if pindex != NR_LOWORDER_PCP_LISTS:
+                            assert self._mt[pfn] == pindex % 3, (
+                                f"pcp block {pfn} has migratetype {self._mt[pfn]}, list {pindex}"
+                            )
+                        count += 1 << order
+                        pcp_heads += 1
+                assert count == pcp.count, (
+                    f"zone {zone.name} cpu {cpu}: pcp count {pcp.count} != {count} listed pages"
+                )
+                pcp_pages += count
+        assert pcp_heads == int(pcp_mask.sum()), "a pcp block is on no pcp list"
+        assert pcp_pages == int(sizes[pcp_mask].sum())
+        assert listed_free == int(free_mask.sum()), "a free block is on no buddy list"
+        for node in range(self.end_pfn, len(nxt)):
+            assert prv[nxt[node]] == node and nxt[prv[node]] == node, f"list {node} links broken"
         # No two free buddies of one order left unmerged.
         candidates = free_mask & (orders < MAX_PAGE_ORDER)
         fh, fo, fz = heads[candidates], orders[candidates], zi[candidates]
@@ -475,21 +1147,45 @@ class PageAllocator:
             f"at order {fo[buddy_free][0]} were not merged"
         )
 
+    def _walk(self, head: int) -> Iterator[int]:
+        """The nodes of one list, head first, checking each link both ways."""
+        nxt, prv = self._next, self._prev
+        node = nxt[head]
+        previous = head
+        while node != head:
+            assert prv[node] == previous, f"list {head}: broken back link at pfn {node}"
+            assert 0 <= node < self.end_pfn, f"list {head}: link to {node} outside the pfns"
+            yield node
+            previous = node
+            node = nxt[node]
+        assert prv[head] == previous, f"list {head}: tail link broken"
+
     def clone(self) -> PageAllocator:
         """A deep, independent copy."""
         other = PageAllocator.__new__(PageAllocator)
         other.end_pfn = self.end_pfn
         other.zones = self.zones
+        other.cpus = self.cpus
         other._ram = list(self._ram)
         other._ram_starts = list(self._ram_starts)
         other._zone_index = dict(self._zone_index)
         other._zone_starts = list(self._zone_starts)
         other._zone_bounds = list(self._zone_bounds)
         other._state = bytearray(self._state)
-        other._lists = [[d.copy() for d in lists] for lists in self._lists]
+        other._mt = bytearray(self._mt)
+        other._pageblock_mt = bytearray(self._pageblock_mt)
+        other._nr_free = [list(row) for row in self._nr_free]
         other._free_pages = list(self._free_pages)
         other._allocated_pages = self._allocated_pages
         other._ram_pages = self._ram_pages
+        other._managed = list(self._managed)
+        other._nofragment = self._nofragment
+        other._zonelists = dict(self._zonelists)
+        other._nr_buddy_lists = self._nr_buddy_lists
+        other._next = self._next[:]
+        other._prev = self._prev[:]
+        other._low_wmark = list(self._low_wmark)
+        other._pcp = [[attrs.evolve(pcp) for pcp in row] for row in self._pcp]
         return other
 
     # ------------------------------------------------------------------ internals
@@ -524,16 +1220,19 @@ class PageAllocator:
             head = pfn & ~((1 << order) - 1)
             value = state[head]
             if value:
-                size = 1 << (value - (_FREE if value <= _FREE_LAST else _ALLOC))
+                base = _FREE if value <= _FREE_LAST else _PCP if value <= _PCP_LAST else _ALLOC
+                size = 1 << (value - base)
                 return (head, value) if pfn < head + size else None
         return None
 
     def _add_free_range(self, zi: int, start_pfn: int, end_pfn: int) -> None:
-        """Put the free pages [start, end) (part of one former free block) back at list heads."""
-        lists = self._lists[zi]
+        """Put the free pages [start, end) (part of one former free block) back at list heads,
+        each piece on the list of its pageblock's migratetype."""
         state = self._state
+        pbm = self._pageblock_mt
         for pfn, order in tile_range(start_pfn, end_pfn):
-            lists[order][pfn] = None
+            self._list_add(pfn, self._buddy_list(zi, pbm[pfn >> PAGEBLOCK_ORDER], order))
+            self._nr_free[zi][order] += 1
             state[pfn] = _FREE + order
         self._free_pages[zi] += end_pfn - start_pfn
 
@@ -546,9 +1245,11 @@ class PageAllocator:
             return what + f"the block at {pfn} was allocated at order {value - _ALLOC}, not {order}"
         if _FREE <= value <= _FREE_LAST:
             return what + f"double free: {pfn} starts a free block of order {value - _FREE}"
+        if _PCP <= value <= _PCP_LAST:
+            return what + f"double free: {pfn} is on a per-cpu list (order {value - _PCP})"
         block = self._block_containing(pfn)
         if block is None:
             return what + "not RAM (a hole)" if not self.is_ram(pfn) else what + "no block"
         head, value = block
-        kind = "free" if value <= _FREE_LAST else "allocated"
+        kind = "free" if value <= _FREE_LAST else "per-cpu" if value <= _PCP_LAST else "allocated"
         return what + f"not the start of an allocated block (inside the {kind} block at {head})"

@@ -28,7 +28,9 @@ itself, and both fragmentation indexes (extfrag_index and unusable_index are fun
 which 2 MiB and 1 GiB regions a later allocation lands in is the model's guess), the order
 of the free lists, and who owns the allocated pages (they are allocated blocks nobody frees;
 ``Churn`` started on this allocator only ever frees its own allocations). Per-cpu lists,
-migratetypes and other NUMA nodes are not imported (the model has none of them).
+migratetypes and other NUMA nodes are not imported (buddyinfo does not show them): the
+imported allocator has no per-cpu lists (a guest built on it adds empty ones), every pageblock
+is movable and every free block is on the movable lists.
 
 Raises ValueError when the blocks cannot be placed that way: a zone of buddyinfo the layout
 lacks (or the reverse), or more blocks of an order than the zone's RAM has room for.

@@ -14,12 +14,21 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import attrs
+
 from pool.guest.buddy import default_zones
 from pool.guest.buddyimport import allocator_from_buddyinfo, buddyinfo_rows
 from pool.guest.directmap import DirectMap
 from pool.guest.fragmentation import format_buddyinfo
-from pool.guest.machine import Guest, GuestConfig
-from pool.guest.options import add_guest_arguments, check_guest_args, non_negative_arg
+from pool.guest.machine import MAX_CPUS, Guest, GuestConfig
+from pool.guest.modulechurn import REAL_LINUX_6_1
+from pool.guest.modulechurn import run as run_module_churn
+from pool.guest.options import (
+    add_guest_arguments,
+    check_guest_args,
+    memory_arg,
+    non_negative_arg,
+)
 from pool.guest.procfs import read_host, zoneinfo_layout
 from pool.guest.ptdump import DEFAULT_PAGE_OFFSET, format_ptdump, parse_ptdump
 from pool.guest.replay import parse_changes, render_replay, replay, replay_json
@@ -267,6 +276,95 @@ def _version() -> str:
     return __version__
 
 
+def _module_churn(args: argparse.Namespace) -> int:
+    result = run_module_churn(args.guest_memory, args.churn, args.seed, args.cpus)
+    real = (
+        REAL_LINUX_6_1.get(args.churn) if args.guest_memory == 4 * GiB and args.cpus == 1 else None
+    )
+    if args.json:
+        document = attrs.asdict(result)
+        document["real_linux_6_1_regions_2m"] = list(real) if real else None
+        print(json.dumps(document, indent=2))
+        return 0
+    print(
+        f"== module churn: {format_size(args.guest_memory)} guest, {args.cpus} vCPU(s), "
+        f"N={args.churn:,} blocks of order 0..3 (xorshift32 seed {args.seed}), "
+        f"{result.kept_blocks:,} kept ({result.kept_pages:,} pages)"
+    )
+    print("-- /proc/buddyinfo before the vzalloc")
+    print(result.buddyinfo_before, end="")
+    print("-- /proc/buddyinfo after the vzalloc")
+    print(result.buddyinfo_after, end="")
+    print(
+        f"-- vzalloc(16 MiB) through vmalloc-directmap: {result.regions_2m} distinct 2 MiB "
+        f"regions; direct-map splits: level 2 {result.level2_splits}, level 3 "
+        f"{result.level3_splits}"
+    )
+    if real:
+        band = f"{real[0]}" if real[0] == real[1] else f"{real[0]}-{real[1]}"
+        print(f"   real Linux 6.1 (4 GiB, 1 vCPU, DESIGN.md): {band} regions")
+    print(
+        f"   pages on per-cpu lists: {result.pcp_pages_before} before, "
+        f"{result.pcp_pages_after} after (not in buddyinfo)"
+    )
+    return 0
+
+
+def _cpus_arg(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= MAX_CPUS:
+        raise argparse.ArgumentTypeError(f"not a vCPU count in 1..{MAX_CPUS}: {text!r}")
+    return value
+
+
+def _seed_arg(text: str) -> int:
+    try:
+        value = int(text, 0)
+    except ValueError:
+        value = 0
+    if not 0 < value < 1 << 32:
+        raise argparse.ArgumentTypeError(f"not a non-zero 32-bit xorshift seed: {text!r}")
+    return value
+
+
+def _add_experiment(sub: Any) -> None:
+    p = sub.add_parser(
+        "experiment",
+        help="run a real-kernel test workload on the model",
+        description="Workloads that real-kernel measurements were taken with, run on a fresh "
+        "model guest so the figures can be set side by side.",
+    )
+    experiments = p.add_subparsers(dest="experiment", required=True)
+    mc = experiments.add_parser(
+        "module-churn",
+        help="N random blocks of order 0..3, a random half freed, then vzalloc(16 MiB)",
+        description="The test module's churn (pool/guest/modulechurn.py): N blocks "
+        "alloc_pages(GFP_KERNEL, xrand() & 3) with xorshift32, each freed in allocation "
+        "order if the next xrand() is odd, then one 16 MiB vzalloc through the "
+        "vmalloc-directmap strategy. Prints the distinct 2 MiB regions of its pages, its "
+        "level-2/3 direct-map splits and /proc/buddyinfo before and after.",
+    )
+    mc.add_argument(
+        "--guest-memory",
+        type=memory_arg,
+        default=4 * GiB,
+        metavar="SIZE",
+        help="guest RAM (default 4GiB, as the real measurements; a 3-4 GiB PCI hole is modeled)",
+    )
+    mc.add_argument(
+        "--churn", type=_count_arg, default=20_000, metavar="N", help="blocks (default 20000)"
+    )
+    mc.add_argument(
+        "--seed", type=_seed_arg, default=1, help="xorshift32 seed, non-zero (default 1)"
+    )
+    mc.add_argument("--cpus", type=_cpus_arg, default=1, help="vCPUs (default 1)")
+    mc.add_argument("--json", action="store_true", help="print one JSON document")
+    mc.set_defaults(func=_module_churn)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m pool.guest",
@@ -284,6 +382,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=_demo, parser=demo)
     _add_replay(sub)
     _add_export(sub)
+    _add_experiment(sub)
     return parser
 
 

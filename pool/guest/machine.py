@@ -29,6 +29,7 @@ from pool.guest.costs import CostProfile
 from pool.guest.directmap import PRIVATE, SHARED, DirectMap, SplitCounts
 from pool.guest.encpgtable import set_memory_enc_pgtable
 from pool.guest.fragmentation import fragmentation_index, unusable_free_index
+from pool.guest.migratetype import MIGRATE_UNMOVABLE
 from pool.guest.platform import (
     PAGE_PRIVATE,
     ConversionResult,
@@ -39,10 +40,11 @@ from pool.guest.platform import (
 )
 from pool.guest.stats import Counts, GuestStats
 from pool.guest.units import NR_ORDERS, PAGE_SHIFT, PAGE_SIZE, PAGES_PER_2M, GiB, MiB, format_size
-from pool.guest.vmalloc import VmallocSpace, VmArea
+from pool.guest.vmalloc import VmallocSpace, VmArea, vm_area_alloc_pages
 from pool.guest.workload import Churn, ChurnConfig
 
 Runs = Sequence[tuple[int, int]]
+MAX_CPUS = 256
 
 
 MEMORY_STEP = 4 * MiB
@@ -93,6 +95,11 @@ class GuestConfig:
     boot_splits: pfns whose direct-map leaves boot-time attribute changes split to 4 KiB
       (None: the first 2 MiB, as every x86 guest's ptdump shows, the end of the kernel
       image, and `boot_scatter_splits` seeded random places); uncounted, as in /proc/vmstat.
+    cpus: the guest's vCPUs, each with its own per-cpu page lists (pool.guest.pcp). Default 1,
+      the configuration of the real Linux 6.1 guest the model was checked against (DESIGN.md:
+      4 GiB, 1 vCPU). Everything the model does runs on vCPU 0 except the background churn,
+      which takes the vCPUs in turn, one step each. Pages on any vCPU's lists count as
+      allocated in buddyinfo, as in the kernel.
     """
 
     memory_bytes: int = 16 * GiB
@@ -105,9 +112,12 @@ class GuestConfig:
     reserved: tuple[tuple[int, int], ...] = DEFAULT_RESERVED
     boot_splits: tuple[int, ...] | None = None
     boot_scatter_splits: int = 4
+    cpus: int = 1
 
     def __attrs_post_init__(self) -> None:
         check_memory(self.memory_bytes)
+        if not 1 <= self.cpus <= MAX_CPUS:
+            raise ValueError(f"cpus must be in 1..{MAX_CPUS}, not {self.cpus}")
         if self.hole is not None:
             lo, hi = self.hole
             if not (0 < lo < hi and lo % (2 * MiB) == 0 and hi % (2 * MiB) == 0):
@@ -200,11 +210,12 @@ class Guest:
         boot splits are added) and sizes everything to `direct_map.end_pfn`, zones included
         (default_zones).
 
-        From `config` it uses platform, seed, cost_profile, faults and churn; it ignores
+        From `config` it uses platform, seed, cost_profile, faults, churn and cpus; it ignores
         memory_bytes, hole, boot_splits and boot_scatter_splits (the layout replaces them).
         The page allocator is `allocator` when given (for instance one whose free lists were
         imported from /proc/buddyinfo, pool.guest.buddyimport): it must span the same pfns,
-        with the default zones, and manage only RAM pages of `direct_map`. Otherwise it is a
+        with the default zones, and manage only RAM pages of `direct_map`; it is given
+        `config.cpus` per-cpu lists if it has none. Otherwise it is a
         fresh allocator over the RAM minus `config.reserved`, all free, as after boot."""
         config = config or GuestConfig()
         if allocator is not None:
@@ -244,8 +255,10 @@ class Guest:
         if allocator is None:
             ram = direct_map.ram_ranges()
             allocator = PageAllocator(
-                self.end_pfn, _subtract(ram, _reserved_pfns(config)), self.zones
+                self.end_pfn, _subtract(ram, _reserved_pfns(config)), self.zones, config.cpus
             )
+        elif allocator.cpus == 0:
+            allocator.setup_pcp(config.cpus)
         self.allocator = allocator
         self.churn = Churn(self.allocator, config.seed, config.churn)
         self.hazard_counts = hazards.HazardCounts.recount(self)
@@ -283,21 +296,31 @@ class Guest:
     # ---- aging -----------------------------------------------------------------
 
     def age(self, steps: int, progress: Callable[[int, int], None] | None = None) -> None:
-        """Run the background workload for `steps` steps (page-cache and slab churn).
-        ValueError first if this guest is too small to be aged (check_aging)."""
+        """Run the background workload for `steps` steps (page-cache and slab churn, with its
+        memory-pressure episodes: pool.guest.workload). ValueError first if this guest is too
+        small to be aged (check_aging)."""
         check_aging(self.config.memory_bytes, steps, self.config.reserved)
         self.churn.run(steps, progress)
 
     def background(self, steps: int) -> None:
-        """Churn between events: the rest of the guest keeps allocating and freeing."""
+        """Churn between events: the rest of the guest keeps allocating and freeing, steadily.
+        No memory-pressure episode starts here (they belong to aging): a pristine guest stays
+        pristine under light load."""
         if steps > 0:
-            self.churn.step(steps)
+            self.churn.step(steps, pressure=False)
 
     # ---- page allocator ----------------------------------------------------------
 
-    def alloc_pages(self, order: int) -> int | None:
-        """__get_free_pages: an order-`order` block's first pfn, or None when memory is short."""
-        return self.allocator.alloc(order)
+    def alloc_pages(self, order: int, migratetype: int = MIGRATE_UNMOVABLE) -> int | None:
+        """__get_free_pages(GFP_KERNEL, order) on vCPU 0: an order-`order` block's first pfn,
+        or None when memory is short. GFP_KERNEL is unmovable (driver buffers, pools)."""
+        return self.allocator.alloc(order, migratetype=migratetype)
+
+    def vmalloc_pages(self, npages: int) -> npt.NDArray[np.int64]:
+        """vmalloc's page allocation (vm_area_alloc_pages(): the bulk allocator in requests of
+        at most 100 pages, then single pages), unmovable, on vCPU 0. May return fewer than
+        `npages` pages when memory is short; the caller gives them back."""
+        return np.asarray(vm_area_alloc_pages(self.allocator, npages), dtype=np.int64)
 
     def claim_range(self, start_pfn: int, npages: int) -> bool:
         return self.allocator.claim_range(start_pfn, npages)
@@ -464,12 +487,15 @@ class Guest:
         vmalloc space and of known state; counters agree with the structures."""
         self.allocator.check_invariants()
         self.direct_map.check_invariants()
-        free = np.zeros(self.end_pfn, dtype=np.bool_)
+        free = np.zeros(self.end_pfn, dtype=np.bool_)  # free or on a per-cpu list
         for zone in self.zones:
             for order in range(NR_ORDERS):
                 for pfn in self.allocator.free_blocks(zone.name, order):
                     free[pfn : pfn + (1 << order)] = True
         assert int(free.sum()) == self.allocator.free_pages(), "free-list count != free pages"
+        for pfn, order in self.allocator.pcp_blocks():
+            free[pfn : pfn + (1 << order)] = True
+        assert int(free.sum()) == self.allocator.free_pages() + self.allocator.pcp_pages()
         assert not (free & ~self.direct_map.ram[: self.end_pfn]).any(), "free page outside RAM"
         if self.platform.encrypts:
             assert (self.platform.state[free] == PAGE_PRIVATE).all(), "a free page is not private"

@@ -15,9 +15,36 @@ import attrs
 import numpy as np
 import numpy.typing as npt
 
+from pool.guest.buddy import PageAllocator
+from pool.guest.migratetype import MIGRATE_UNMOVABLE
 from pool.guest.units import PAGE_SIZE
 
 VMALLOC_START = 0xFFFFC90000000000  # x86-64, 4-level paging
+BULK_REQUEST_MAX = 100
+"""vm_area_alloc_pages(): "A maximum allowed request is hard-coded and is 100 pages per call"."""
+
+
+def vm_area_alloc_pages(allocator: PageAllocator, nr_pages: int, cpu: int = 0) -> list[int]:
+    """``vm_area_alloc_pages()`` for order 0 (mm/vmalloc.c, 6.1): the pages of a vmalloc area,
+    GFP_KERNEL (unmovable), in the order they will be mapped.
+
+    The bulk allocator (``alloc_pages_bulk_array_node()``) in requests of at most 100 pages;
+    when a request comes back short (or empty), single-page allocations
+    (``alloc_pages_node()``) for the rest, stopping at the first failure. Returns the pages
+    obtained: fewer than ``nr_pages`` means vmalloc fails and the caller frees them."""
+    pages: list[int] = []
+    while len(pages) < nr_pages:
+        request = min(BULK_REQUEST_MAX, nr_pages - len(pages))
+        got = allocator.alloc_bulk(request, migratetype=MIGRATE_UNMOVABLE, cpu=cpu)
+        pages.extend(got)
+        if len(got) != request:
+            break
+    while len(pages) < nr_pages:
+        pfn = allocator.alloc(0, migratetype=MIGRATE_UNMOVABLE, cpu=cpu)
+        if pfn is None:
+            break
+        pages.append(pfn)
+    return pages
 
 
 def runs_of(pfns: npt.NDArray[np.int64]) -> tuple[tuple[int, int], ...]:

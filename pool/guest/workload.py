@@ -29,30 +29,38 @@ The model (each knob is a field of :class:`ChurnConfig`):
   ones mix the layout again.
 
 What "aged" means: with the defaults, 1,000,000 steps on a 16 GiB guest (RAM = [0, 3 GiB) and
-[4 GiB, 17 GiB)), as measured by ``bench/bench_guest_scale.py`` (seeds 1, 2, 3):
+[4 GiB, 17 GiB)), one vCPU, as measured by ``bench/bench_guest_scale.py`` (seed 1):
 
-- 25.0 % of RAM is free (occupancy 0.75). The Normal zone's free memory is all in blocks below
+- 24.8 % of RAM is free (occupancy 0.75). The Normal zone's free memory is all in blocks below
   order 9: unusable free index at order 9 = 1.000 (the real 4 GiB guest after churn, in
   ``examples/buddyinfo/linux-6.1-4GiB-after-churn.unusable_index``: 0.974). Its smallest free
-  blocks are order-3 holes; orders 0-2 are used up by the steady small allocations.
-- 1638 MiB stay in order-9/10 blocks, in DMA32: the tenth of RAM that pressure episodes never
-  reach (Normal is filled first), so pools of a few hundred MiB in 2-4 MiB blocks still succeed.
-  The real guest kept 591 order-10 blocks in DMA32.
-- 4096 consecutive order-0 allocations (a 16 MiB vmalloc buffer) land in 496, 491 and 490
-  distinct 2 MiB regions (one per order-3 hole), against 8 on the pristine guest. DESIGN.md's
-  real-guest figures: 8-9 after boot, 130-150 after moderate churn, 300-380 after heavy churn;
-  the default ages a little beyond the heaviest measured churn.
+  blocks are order-2 and order-3 holes; orders 0-1 are used up by the steady small allocations.
+- 734 MiB stay in order-9/10 blocks, in DMA32: the tenth of RAM that pressure episodes never
+  reach (Normal is filled first), less the pageblocks the unmovable and reclaimable
+  allocations claimed there (``ALLOC_NOFRAGMENT`` sends them to DMA32's whole free pageblocks
+  once Normal has none).
+- A 16 MiB vmalloc buffer (``vm_area_alloc_pages``, unmovable) lands in 15 distinct 2 MiB
+  regions, against 8 on the pristine guest: Normal holds no unmovable free pages, so the bulk
+  allocator steals movable pageblocks of Normal and takes each one's free pages together.
+  DESIGN.md's real-guest figures (8-9 after boot, 130-150 after moderate, 300-380 after heavy
+  churn) come from unmovable churn, which pool.guest.modulechurn reproduces; this page-cache
+  aging does not reach that band (the calibration to it is open).
 
-Other sizes, same 1 M steps (seed 1): 2 GiB (DMA32 only) 495 regions, unusable index 0.625 in
-DMA32; 4 GiB 1129 regions; 8 GiB 622; 64 GiB 1005 regions, unusable index 0.738 (the churn never
-fills the 61 GiB Normal zone: order-2 holes remain and its top stays in order-10 blocks). On
-small guests the long-lived pages reach their cap early (4 GiB: at ~0.4 M steps); from then on
-retiring random old long-lived pages leaves scattered order-0 and order-1 holes and the figure
-rises (16 GiB after 2 M steps: 1093 regions). Aging takes ~7 s per million steps at 16 GiB and
-~15 s at 64 GiB, peak RSS 47 and 69 MiB.
+64 GiB, same 1 M steps: 9 regions (Normal keeps order-10 blocks, which unmovable requests
+claim whole), unusable index 0.856. Aging takes ~2.5x the time it took before the per-cpu
+lists (64 GiB: 23x the bench's bare-loop baseline, against 8.5x), peak RSS 356 MiB at 64 GiB
+(the per-pfn list links) and 116 MiB at 16 GiB.
 
-Not modeled: per-cpu page lists (pcp), migratetypes and pageblock grouping, watermarks,
-kswapd and direct compaction, NUMA, memory cgroups; page-cache LRU order (victims are random).
+Migratetypes: page cache (pressure episodes, short-lived orders 2+) and anonymous memory are
+movable; short-lived order-0/1 kernel pages (``short_unmovable``) and slab and page tables
+(``long_unmovable``) unmovable; dentry and inode slabs (``long_reclaimable``) reclaimable. The
+allocator groups them by pageblock (pool.guest.migratetype) and every allocation and free of
+an allocator with per-cpu lists goes through them, the churn taking the vCPUs in turn, one
+step each. Steady steps (``step(pressure=False)``, what ``Guest.background`` runs between
+simulator events) never start a pressure episode: only aging does.
+
+Not modeled: watermarks, kswapd and direct compaction, NUMA, memory cgroups; page-cache LRU
+order (victims are random).
 
 Live allocations are kept in two ``array('q')`` (short- and long-lived), each entry
 ``pfn << 4 | order``; freeing a victim swaps the last entry into its slot.
@@ -70,6 +78,7 @@ from typing import Any
 import attrs
 
 from pool.guest.buddy import PageAllocator
+from pool.guest.migratetype import MIGRATE_MOVABLE, MIGRATE_RECLAIMABLE, MIGRATE_UNMOVABLE
 from pool.guest.units import NR_ORDERS
 
 __all__ = ["Churn", "ChurnConfig"]
@@ -101,8 +110,9 @@ def _check_fraction(_instance: Any, attribute: attrs.Attribute[Any], value: floa
 
 @attrs.frozen
 class ChurnConfig:
-    """The knobs of the background churn. Defaults are calibrated so that 1,000,000 steps age a
-    16 GiB guest to DESIGN.md's "heavy churn" state (see the module docstring).
+    """The knobs of the background churn. The defaults were calibrated (before the allocator had
+    per-cpu lists and migratetypes) so that 1,000,000 steps age a 16 GiB guest to DESIGN.md's
+    "heavy churn" state; what they give now is in the module docstring.
 
     Order weights are relative weights for orders 0, 1, 2, ... (missing orders weigh 0).
 
@@ -141,6 +151,13 @@ class ChurnConfig:
       (fewer, larger holes).
     - ``zonelist`` (("Normal", "DMA32")): the zones the churn allocates from, in order; the DMA
       zone is left alone as the kernel leaves it to GFP_DMA users.
+    - ``short_unmovable`` (0.5): the share of short-lived order-0/1 allocations that are kernel
+      memory (skbs, kmalloc buffers: unmovable); the rest is short-lived anonymous memory
+      (movable). Short-lived orders 2+ are page-cache folios and pressure episodes read page
+      cache: movable.
+    - ``long_unmovable`` (0.5), ``long_reclaimable`` (0.2): the shares of long-lived allocations
+      that are unmovable (slab, page tables) and reclaimable (dentry and inode slabs); the rest
+      is anonymous memory of long-running processes (movable).
     """
 
     occupancy: float = attrs.field(default=0.75, validator=_check_fraction)
@@ -161,8 +178,16 @@ class ChurnConfig:
     long_share: float = attrs.field(default=0.25, validator=_check_fraction)
     free_batch: int = 1
     zonelist: tuple[str, ...] = ("Normal", "DMA32")
+    short_unmovable: float = attrs.field(default=0.5, validator=_check_fraction)
+    long_unmovable: float = attrs.field(default=0.5, validator=_check_fraction)
+    long_reclaimable: float = attrs.field(default=0.2, validator=_check_fraction)
 
     def __attrs_post_init__(self) -> None:
+        if self.long_unmovable + self.long_reclaimable > 1.0:
+            raise ValueError(
+                "long_unmovable + long_reclaimable must not exceed 1: "
+                f"{self.long_unmovable} + {self.long_reclaimable}"
+            )
         if self.pressure_interval < 0:
             raise ValueError(f"pressure_interval must be >= 0, not {self.pressure_interval}")
         if self.free_batch < 1:
@@ -197,6 +222,7 @@ class Churn:
         self._short_cum = list(accumulate(config.short_orders))
         self._long_cum = list(accumulate(config.long_orders))
         self._pagecache_cum = list(accumulate(config.pagecache_orders))
+        self._cpu = 0  # the vCPU of the current step (round robin over the allocator's CPUs)
 
     # ------------------------------------------------------------------ public
 
@@ -237,17 +263,21 @@ class Churn:
             done += n
             progress(done, steps)
 
-    def step(self, n: int = 1) -> None:
-        """``n`` more steps (between simulator events: "background churn")."""
+    def step(self, n: int = 1, pressure: bool = True) -> None:
+        """``n`` more steps. ``pressure``: run the memory-pressure episodes that fall due (step 0,
+        then every ``pressure_interval`` steps), as aging does; False for the steady churn
+        between simulator events ("background churn"), which never starts one."""
         if n < 0:
             raise ValueError(f"n must be >= 0, not {n}")
-        interval = self.config.pressure_interval
+        interval = self.config.pressure_interval if pressure else 0
         long_fraction = self.config.long_fraction
         short_cum = self._short_cum
         target = self._target
         free_one = self._free_one
         allocate = self._allocate
+        cpus = max(1, self.allocator.cpus)
         for _ in range(n):
+            self._cpu = self.steps_done % cpus
             if interval and self.steps_done % interval == 0:
                 self._pressure_episode()
             allocate(short_cum, long_fraction, True)
@@ -277,6 +307,7 @@ class Churn:
         other._short_cum = self._short_cum
         other._long_cum = self._long_cum
         other._pagecache_cum = self._pagecache_cum
+        other._cpu = self._cpu
         return other
 
     # ------------------------------------------------------------------ internals
@@ -297,18 +328,30 @@ class Churn:
         mix, falling back to lower orders; at order 0 with nothing free, reclaim one victim and
         retry (``reclaim``) or give up and return False."""
         rand = self._rng.random
+        config = self.config
         if long_fraction and rand() < long_fraction:
             is_long = True
             cum = self._long_cum
+            r = rand()
+            if r < config.long_unmovable:
+                mt = MIGRATE_UNMOVABLE
+            elif r < config.long_unmovable + config.long_reclaimable:
+                mt = MIGRATE_RECLAIMABLE
+            else:
+                mt = MIGRATE_MOVABLE
         else:
             is_long = False
             cum = short_cum
+            mt = MIGRATE_MOVABLE
         order = bisect.bisect_right(cum, rand() * cum[-1])
         if order >= NR_ORDERS:  # rounding at the very top of the last weight
             order = NR_ORDERS - 1
+        if not is_long and order < 2 and reclaim and rand() < config.short_unmovable:
+            mt = MIGRATE_UNMOVABLE
         alloc = self.allocator.alloc
-        zonelist = self.config.zonelist
-        pfn = alloc(order, zonelist)
+        zonelist = config.zonelist
+        cpu = self._cpu
+        pfn = alloc(order, zonelist, mt, cpu)
         while pfn is None:
             if order:
                 order -= 1
@@ -318,7 +361,7 @@ class Churn:
                         "churn: no free page in its zonelist and no allocation of its own to free"
                     )
                 return False
-            pfn = alloc(order, zonelist)
+            pfn = alloc(order, zonelist, mt, cpu)
         self.allocations_made += 1
         if is_long:
             self._long.append(pfn << _SHIFT | order)
@@ -348,7 +391,7 @@ class Churn:
             if i < n - 1:
                 entries[i] = last
             order = entry & _MASK
-            self.allocator.free(entry >> _SHIFT, order)
+            self.allocator.free(entry >> _SHIFT, order, self._cpu)
             self.frees_made += 1
             pages = 1 << order
         else:
@@ -357,9 +400,10 @@ class Churn:
             width = end - i
             free = self.allocator.free
             pages = 0
+            cpu = self._cpu
             for entry in entries[i:end]:
                 order = entry & _MASK
-                free(entry >> _SHIFT, order)
+                free(entry >> _SHIFT, order, cpu)
                 pages += 1 << order
             moved = entries[max(end, n - width) : n]
             entries[i : i + len(moved)] = moved
