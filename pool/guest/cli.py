@@ -362,7 +362,7 @@ def _add_experiment(sub: Any) -> None:
     )
     mc.add_argument("--cpus", type=_cpus_arg, default=1, help="vCPUs (default 1)")
     mc.add_argument("--json", action="store_true", help="print one JSON document")
-    mc.set_defaults(func=_module_churn)
+    mc.set_defaults(func=_module_churn, parser=mc)
 
 
 def build_parser() -> argparse.ArgumentParser:

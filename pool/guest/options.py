@@ -108,6 +108,6 @@ def add_guest_arguments(
 def check_guest_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """The rule between the options (check_aging), as a usage error of --guest-memory."""
     try:
-        check_aging(args.guest_memory, args.age_steps)
+        check_aging(args.guest_memory, getattr(args, "age_steps", 0))
     except ValueError as exc:
         parser.error(f"argument --guest-memory: {exc}")
