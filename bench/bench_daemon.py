@@ -153,15 +153,14 @@ async def load(
 
 
 async def register(url: str) -> str:
-    from daemon.client import SharedPoolClient
+    from daemon.client import SharedPoolClient, register_client
 
-    async with SharedPoolClient(url) as c:
+    async with SharedPoolClient(url, register=False) as c:
         for _ in range(600):
             if await c.ready():
                 break
             await asyncio.sleep(0.1)
-        result = await c.register("bench")
-        return str(result["token"])
+    return (await register_client(url, "bench")).token
 
 
 def main() -> int:

@@ -41,6 +41,16 @@ def _json(data: Any, status: int = 200) -> web.Response:
     )
 
 
+def buffer_json(buffer: dict[str, Any]) -> dict[str, Any]:
+    """A buffer's JSON as served: `va` as a 0x-prefixed, 16-digit hex string (API v1.1; an
+    integer in v1.0). A vmalloc address is above 2**53, and a JSON number that large loses
+    its low bits in jq and in every JavaScript client."""
+    va = buffer.get("va")
+    if isinstance(va, int):
+        return {**buffer, "va": f"0x{va:016x}"}
+    return buffer
+
+
 # ---- bodies ----------------------------------------------------------------------------
 
 
@@ -318,13 +328,13 @@ async def allocate(request: web.Request) -> web.Response:
     size = int_field(body, "size", 1, request.app[keys.CONFIG]["pool.max_buffer"])
     purpose = text_field(body, "purpose", MAX_PURPOSE) if "purpose" in body else ""
     result = await service_of(request).allocate(client, size, purpose)
-    return _json(result, 201)
+    return _json(buffer_json(result), 201)
 
 
 @routes.get("/v1/buffers")
 async def list_buffers(request: web.Request) -> web.Response:
     client = require_client(request)
-    return _json([b.as_json() for b in service_of(request).buffers(client)])
+    return _json([buffer_json(b.as_json()) for b in service_of(request).buffers(client)])
 
 
 def _buffer_id(request: web.Request) -> int:
@@ -334,13 +344,13 @@ def _buffer_id(request: web.Request) -> int:
 @routes.get(f"/v1/buffers/{_BUFFER_ID}")
 async def get_buffer(request: web.Request) -> web.Response:
     client = require_client(request)
-    return _json(service_of(request).get(client, _buffer_id(request)).as_json())
+    return _json(buffer_json(service_of(request).get(client, _buffer_id(request)).as_json()))
 
 
 @routes.delete(f"/v1/buffers/{_BUFFER_ID}")
 async def free_buffer(request: web.Request) -> web.Response:
     client = require_client(request)
-    return _json(await service_of(request).free(client, _buffer_id(request)))
+    return _json(buffer_json(await service_of(request).free(client, _buffer_id(request))))
 
 
 @routes.get("/v1/pool")
