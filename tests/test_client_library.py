@@ -8,7 +8,8 @@
 - errors: a stopped daemon is DaemonUnavailable (a ConnectionError), never aiohttp's;
 - buffer scopes free on exit, on an exception in the block and on cancellation;
 - `va` is a JSON string on the wire (jq-safe), the client's Buffer.va the exact integer;
-- Retry-After parsing in both forms, by hand-worked cases.
+- Retry-After parsing in both forms, by hand-worked cases;
+- the simulator's RemoteClient gets its keep-alive and retry from the library.
 """
 
 from __future__ import annotations
@@ -321,3 +322,32 @@ async def test_va_is_a_json_string(daemon: Daemon) -> None:
             assert int(out.stdout, 16) == buf.va
         # retry=NO_RETRY is the protocol-level escape hatch: one request, its answer
         assert (await c.request("GET", "/v1/pool", retry=NO_RETRY))["daemon"]["clients"] >= 1
+
+
+# ---- the simulator's RemoteClient stands on the library ------------------------------------
+
+
+async def test_remote_client_uses_the_library_keepalive_and_retry(proxy: FaultProxy) -> None:
+    from hv_netvsc_sim.client import PoolError, RemoteClient
+
+    async with RemoteClient(proxy.url, "sim-nic", alloc_deadline=0.0) as now:
+        proxy.plan("POST", "/v1/buffers", [problem_503("0")])
+        with pytest.raises(PoolError) as err:  # deadline 0: the driver sees the refusal
+            await now.allocate(4096, "recv")
+        assert (err.value.reason, err.value.status) == ("exhausted", 503)
+        assert now.stats.failure_reasons == {"exhausted": 1}
+    async with RemoteClient(proxy.url, "sim-nic", alloc_deadline=5.0) as patient:
+        proxy.plan("POST", "/v1/buffers", [problem_503("0"), problem_503("0")])
+        buf = await patient.allocate(4096, "recv")  # waited through both
+        assert patient.stats.failures == 0 and buf.owner == patient.client_id
+        await asyncio.sleep(LEASE * 2.5)  # quiet: the library's keep-alive holds the lease
+        assert await patient.free(buf.id) is False
+
+
+async def test_remote_client_unreachable_daemon_is_a_pool_error() -> None:
+    from hv_netvsc_sim.client import PoolError, RemoteClient
+
+    with pytest.raises(PoolError) as err:
+        async with RemoteClient("unix:/nonexistent/sharedpoold.sock"):
+            pass
+    assert err.value.reason == "unavailable" and "No such file" in str(err.value)

@@ -305,7 +305,7 @@ class SharedPoolClient:
             ) from exc
         except (aiohttp.ClientError, OSError) as exc:
             raise DaemonUnavailable(
-                f"{method} {path}: cannot reach sharedpoold at {self.url}: {exc}"
+                f"{method} {path}: cannot reach sharedpoold at {self.url}: {_why(exc)}"
             ) from exc
         if status >= 400:
             raise _error(status, rheaders, raw)
@@ -489,6 +489,17 @@ class BufferScope:
             if exc is None:
                 raise
             log.warning("could not free buffer %d after %r: %s", buf.id, exc, err)
+
+
+def _why(exc: BaseException) -> str:
+    """A connection failure in a few words, without aiohttp's internals ("ssl:default")."""
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return exc.os_error.strerror or str(exc.os_error) or "connection refused"
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return "the daemon closed the connection without answering"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc) or type(exc).__name__
 
 
 def _error(status: int, headers: Mapping[str, str], raw: bytes) -> ApiError:
