@@ -2,9 +2,9 @@
 sharedpoold process: so they cannot rot.
 
 Every fenced `sh` and `python` block of that section is extracted and executed unchanged
-(bash -euo pipefail; a fresh Python), with XDG_RUNTIME_DIR pointing at a directory whose
-`sharedpool/sharedpoold.sock` is the spawned daemon's socket - the daemon's default path,
-which the examples use. Afterwards the daemon must hold no client and no buffer: the
+(bash -euo pipefail; a fresh Python), with $RUNTIME_DIRECTORY (systemd's) set to the
+spawned daemon's socket directory, which makes its socket the default one that the
+examples use. Afterwards the daemon must hold no client and no buffer: the
 examples clean up after themselves.
 """
 
@@ -54,10 +54,8 @@ def test_readme_examples_run_against_a_real_daemon(tmp_path: Path) -> None:
     d = Daemon(tmp_path, tcp=False)
     try:
         asyncio.run(d.wait_ready())
-        runtime = tmp_path / "xdg"
-        runtime.mkdir()
-        (runtime / "sharedpool").symlink_to(d.sock.parent)  # the default socket path
-        env = {**os.environ, "XDG_RUNTIME_DIR": str(runtime), "PYTHONPATH": str(ROOT)}
+        # systemd's variable: the daemon's default socket (and the client's) is in it
+        env = {**os.environ, "RUNTIME_DIRECTORY": str(d.sock.parent), "PYTHONPATH": str(ROOT)}
         outputs = []
         for lang, code in readme_blocks():
             cmd = ["bash", "-euo", "pipefail", "-c", code] if lang == "sh" else [sys.executable]

@@ -2,13 +2,13 @@
 
     from daemon.client import SyncSharedPoolClient
 
-    with SyncSharedPoolClient("unix:/run/sharedpool/sharedpoold.sock", "nic0") as pool:
+    with SyncSharedPoolClient(name="nic0") as pool:  # the daemon's default socket
         with pool.buffer(16 << 20, purpose="recv") as buf:
             print(buf.id, hex(buf.va), buf.ranges)
 
     from daemon.client import SharedPoolClient
 
-    async with SharedPoolClient("unix:/run/sharedpool/sharedpoold.sock", "nic0") as pool:
+    async with SharedPoolClient("unix:/run/sharedpoold/sharedpoold.sock", "nic0") as pool:
         async with pool.buffer(16 << 20, purpose="recv") as buf:
             ...
 
@@ -17,7 +17,7 @@ Modules: `aio` (SharedPoolClient: registration, keep-alive, retry, buffer scopes
 `retry` (which answers are retried and when), `errors` (the one error hierarchy).
 """
 
-from daemon.client.aio import BufferScope, SharedPoolClient, register_client
+from daemon.client.aio import BufferScope, SharedPoolClient, default_url, register_client
 from daemon.client.errors import (
     ApiError,
     BadResponse,
@@ -56,6 +56,7 @@ __all__ = [
     "SyncBufferScope",
     "SyncSharedPoolClient",
     "Unregistered",
+    "default_url",
     "parse_retry_after",
     "register_client",
 ]

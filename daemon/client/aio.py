@@ -47,7 +47,7 @@ from daemon.client.values import (
     parse_buffer,
 )
 
-__all__ = ["BufferScope", "SharedPoolClient", "register_client"]
+__all__ = ["BufferScope", "SharedPoolClient", "default_url", "register_client"]
 
 log = logging.getLogger("daemon.client")
 
@@ -58,7 +58,8 @@ KEEPALIVE_FRACTION = 1 / 3
 class SharedPoolClient:
     """An async client of sharedpoold.
 
-    `url`: "unix:/path/to/sharedpoold.sock" or "http://host:port". `name`: the client's name
+    `url`: "unix:/path/to/sharedpoold.sock" or "http://host:port"; by default the daemon's
+    own default socket (default_url()). `name`: the client's name
     at the daemon (shown in its logs). `registration_secret`: sent as `Authorization: Bearer`
     when registering, for daemons whose TCP listeners require one. `timeout`: seconds per
     request. `retry`: the 503 retry policy (`deadline` per call can be overridden on
@@ -67,7 +68,7 @@ class SharedPoolClient:
 
     def __init__(
         self,
-        url: str,
+        url: str | None = None,
         name: str = "",
         *,
         register: bool = True,
@@ -78,6 +79,7 @@ class SharedPoolClient:
         retry: RetryPolicy = RetryPolicy(),  # noqa: B008 - frozen, shared safely
         keepalive: bool = True,
     ) -> None:
+        url = url or default_url()
         if url.startswith("unix:"):
             self._socket: str | None = url[len("unix:") :]
             self._base = "http://sharedpoold"
@@ -424,8 +426,17 @@ class SharedPoolClient:
         return dict(await self._call("GET", "/v1/debug/invariants"))
 
 
+def default_url() -> str:
+    """The Unix socket sharedpoold listens on when given no listener (the one rule, in
+    daemon.config): systemd's $RUNTIME_DIRECTORY, /run/sharedpoold for root, else
+    $XDG_RUNTIME_DIR/sharedpool."""
+    from daemon.config import default_unix_socket
+
+    return "unix:" + default_unix_socket()
+
+
 async def register_client(
-    url: str,
+    url: str | None = None,
     name: str = "",
     *,
     registration_secret: str | None = None,

@@ -49,7 +49,7 @@ class RetryPolicy:
     not started: the 503 is raised at once (as ApiError, `attempts` set)."""
 
     attempts: int = attrs.field(default=10, validator=attrs.validators.ge(1))
-    deadline: float = attrs.field(default=15.0, validator=attrs.validators.ge(0))
+    deadline: float = attrs.field(default=5.0, validator=attrs.validators.ge(0))
     max_wait: float = attrs.field(default=5.0, validator=attrs.validators.ge(0))
     backoff: float = attrs.field(default=0.1, validator=attrs.validators.ge(0))
 

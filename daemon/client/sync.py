@@ -31,7 +31,7 @@ class SyncSharedPoolClient:
 
     def __init__(
         self,
-        url: str,
+        url: str | None = None,
         name: str = "",
         *,
         register: bool = True,
