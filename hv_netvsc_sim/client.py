@@ -208,13 +208,11 @@ class RemoteClient:
 
     async def open(self) -> RemoteClient:
         """Connect and register as `name` (the library starts the keep-alive)."""
-        from daemon.client import DaemonUnavailable, SharedPoolClient, SharedPoolError
+        from daemon.client import SharedPoolClient, SharedPoolError
 
         api = SharedPoolClient(self.url, self.name, registration_secret=self._secret)
         try:
             await api.open()
-        except DaemonUnavailable as exc:  # its message names the URL already
-            raise PoolError("unavailable", str(exc)) from None
         except SharedPoolError as exc:
             reason, status = _reason_of(exc)
             raise PoolError(
