@@ -47,7 +47,7 @@ from daemon.client import (
 )
 from daemon.client.values import parse_va
 
-LEASE = 1.5  # seconds: short, so that "quiet for longer than the lease" is a short test
+LEASE = 2.0  # seconds: short, so that "quiet for longer than the lease" is a short test
 
 
 @pytest.fixture(scope="module")
