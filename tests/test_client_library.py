@@ -52,7 +52,13 @@ LEASE = 2.0  # seconds: short, so that "quiet for longer than the lease" is a sh
 
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
-    d = Daemon(tmp_path_factory.mktemp("client"), "--lease-ttl", str(LEASE), tcp=False)
+    # an idle timeout shorter than the heartbeat period: the daemon closes the client's
+    # connection between beats, every time (the client must reconnect, never fail)
+    d = Daemon(
+        tmp_path_factory.mktemp("client"),
+        *("--lease-ttl", str(LEASE), "--idle-timeout", "0.5"),
+        tcp=False,
+    )
     try:
         asyncio.run(d.wait_ready())
         yield d

@@ -54,6 +54,10 @@ log = logging.getLogger("daemon.client")
 KEEPALIVE_FRACTION = 1 / 3
 """Heartbeat period as a fraction of the lease: two beats may be lost before it runs out."""
 
+IDLE_CONNECTION_SECONDS = 2.0
+"""How long the client keeps an idle connection open for reuse (aiohttp's default is 15 s,
+past sharedpoold's 10 s idle timeout)."""
+
 
 class SharedPoolClient:
     """An async client of sharedpoold.
@@ -146,11 +150,16 @@ class SharedPoolClient:
         """Connect; register (or check the given client's token); start the keep-alive."""
         if self._session is not None:
             raise RuntimeError("this SharedPoolClient is open already")
+        # idle connections are closed well before the daemon's idle timeout (10 s by
+        # default) would close them: a request sent on a connection the daemon is closing
+        # at that moment would fail for nothing
         connector: aiohttp.BaseConnector
         if self._socket is not None:
-            connector = aiohttp.UnixConnector(path=self._socket)
+            connector = aiohttp.UnixConnector(
+                path=self._socket, keepalive_timeout=IDLE_CONNECTION_SECONDS
+            )
         else:
-            connector = aiohttp.TCPConnector()
+            connector = aiohttp.TCPConnector(keepalive_timeout=IDLE_CONNECTION_SECONDS)
         self._session = aiohttp.ClientSession(
             connector=connector, timeout=aiohttp.ClientTimeout(total=self._timeout)
         )
