@@ -211,15 +211,15 @@ async def python_load(
 
 
 def _register(url: str) -> str:
-    from daemon.client import SharedPoolClient
+    from daemon.client import SharedPoolClient, register_client
 
     async def go() -> str:
-        async with SharedPoolClient(url) as c:
+        async with SharedPoolClient(url, register=False) as c:
             for _ in range(3000):
                 if await c.ready():
                     break
                 await asyncio.sleep(0.1)
-            return str((await c.register("bench"))["token"])
+        return (await register_client(url, "bench")).token
 
     return asyncio.run(go())
 

@@ -104,8 +104,7 @@ async def _client_lives(
             continue
         await _designed_errors(url, state, stats, rng)
         if rng.random() < 0.8:
-            async with SharedPoolClient(url, token=state.token) as c:
-                c.client_id = state.client_id
+            async with SharedPoolClient(url, token=state.token, client_id=state.client_id) as c:
                 await c.unregister()
         # else: vanish; the lease expiry reclaims its buffers
     return lives
@@ -186,7 +185,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             stats.merge(s)
         async with SharedPoolClient(d.unix_url, token=ADMIN_TOKEN) as admin:
             inv = await admin.invariants()
-            pool = await admin.stats()
+            pool = dict((await admin.stats()).document)
         if d.proc.poll() is not None:
             stats.errors.append(f"daemon exited {d.proc.returncode}")
     except CONNECTION_ERRORS as exc:

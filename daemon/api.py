@@ -52,6 +52,16 @@ def _json(data: Any, status: int = 200) -> web.Response:
     )
 
 
+def buffer_json(buffer: dict[str, Any]) -> dict[str, Any]:
+    """A buffer's JSON as served: `va` as a 0x-prefixed, 16-digit hex string (API v1.1; an
+    integer in v1.0). A vmalloc address is above 2**53, and a JSON number that large loses
+    its low bits in jq and in every JavaScript client."""
+    va = buffer.get("va")
+    if isinstance(va, int):
+        return {**buffer, "va": f"0x{va:016x}"}
+    return buffer
+
+
 # ---- bodies ----------------------------------------------------------------------------
 
 
@@ -343,13 +353,13 @@ async def allocate(request: web.Request) -> web.Response:
     size = int_field(body, "size", 1, MAX_SIZE_FIELD)
     purpose = text_field(body, "purpose", MAX_PURPOSE) if "purpose" in body else ""
     buf = await service_of(request).allocate(client, size, purpose)
-    return _json(buf.as_json(), 201)
+    return _json(buffer_json(buf.as_json()), 201)
 
 
 @routes.get("/v1/buffers")
 async def list_buffers(request: web.Request) -> web.Response:
     client = require_client(request)
-    return _json([b.as_json() for b in service_of(request).buffers(client)])
+    return _json([buffer_json(b.as_json()) for b in service_of(request).buffers(client)])
 
 
 def _buffer_id(request: web.Request) -> int:
@@ -359,14 +369,14 @@ def _buffer_id(request: web.Request) -> int:
 @routes.get(f"/v1/buffers/{_BUFFER_ID}")
 async def get_buffer(request: web.Request) -> web.Response:
     client = require_client(request)
-    return _json(service_of(request).get(client, _buffer_id(request)).as_json())
+    return _json(buffer_json(service_of(request).get(client, _buffer_id(request)).as_json()))
 
 
 @routes.delete(f"/v1/buffers/{_BUFFER_ID}")
 async def free_buffer(request: web.Request) -> web.Response:
     client = require_client(request)
     result = await service_of(request).free(client, _buffer_id(request))
-    return _json({**result.buffer.as_json(), "leaked": result.leaked})
+    return _json(buffer_json({**result.buffer.as_json(), "leaked": result.leaked}))
 
 
 @routes.get("/v1/pool")

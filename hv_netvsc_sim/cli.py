@@ -171,6 +171,15 @@ def build_parser() -> argparse.ArgumentParser:
         "buffers is not a pass)",
     )
     run.add_argument(
+        "--retry-deadline",
+        type=_nonneg_float,
+        default=0.0,
+        metavar="SECONDS",
+        help="with --daemon: how long an allocation waits for a growing pool (the daemon's "
+        "503 with Retry-After) before the driver sees a refusal (default 0: at once, as "
+        "in-process)",
+    )
+    run.add_argument(
         "--pace",
         type=_nonneg_float,
         default=0.0,
@@ -313,7 +322,7 @@ async def _run_in_process(args: argparse.Namespace, progress: ProgressReporter) 
 async def _run_daemon(args: argparse.Namespace, progress: ProgressReporter) -> dict[str, Any]:
     host = HyperVHost(None)  # no Guest: GPADL consistency checks only (see host.py)
     total = args.cycles
-    async with RemoteClient(args.daemon, args.name) as client:
+    async with RemoteClient(args.daemon, args.name, alloc_deadline=args.retry_deadline) as client:
         scenario = Scenario(
             _scenario_config(args),
             client,

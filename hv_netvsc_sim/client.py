@@ -6,18 +6,17 @@ free it (learning whether it was leaked), close. Two implementations:
 - `InProcessClient` calls a strategy object directly (pool.make_strategy); its
   coroutines never suspend, so a whole scenario runs in one event-loop task at the
   cost of a function call per request.
-- `RemoteClient` drives the daemon (`sharedpoold`) through its async HTTP client,
+- `RemoteClient` drives the daemon (`sharedpoold`) through its client library,
   daemon.client.SharedPoolClient, imported lazily so the simulator works without the
-  daemon installed. It registers as a client, heartbeats in the background and
-  unregisters on close. The daemon's JSON buffer becomes the same immutable
-  pool.Buffer the in-process path returns, so the driver and the host see the same
-  values either way.
+  daemon installed. The library registers, keeps the lease alive, retries 503s and
+  unregisters on close; it returns the same immutable pool.Buffer the in-process path
+  returns, so the driver and the host see the same values either way.
 
 Every refusal, whichever path it comes from, is raised as the one exception the
 driver handles: `PoolError`, with a stable machine-readable `reason` (the strategy's
 AllocationError reason - invalid_size, too_large, exhausted, no_memory,
 conversion_failed - or, remotely, the daemon's problem type; `unavailable` when the
-daemon cannot be reached).
+daemon cannot be reached, `lease_lost` when it expired our registration).
 
 Both clients keep the same request counters (`ClientStats`): allocations, failures
 by reason, frees, leaked buffers and bytes, and the wall-clock latency of every
@@ -27,19 +26,16 @@ nothing would drag the percentiles down).
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import time
 from array import array
-from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 
 import attrs
 
-from pool.strategy import Buffer, PfnRange, Strategy, StrategyError
+from pool.strategy import Buffer, Strategy, StrategyError
 
 if TYPE_CHECKING:  # pragma: no cover
-    from daemon.client import SharedPoolClient
+    from daemon.client import SharedPoolClient, SharedPoolError
 
 
 class PoolError(Exception):
@@ -153,49 +149,37 @@ class InProcessClient:
         return live.owner == buffer.owner and live.ranges == buffer.ranges
 
 
-def buffer_from_json(data: Mapping[str, Any]) -> Buffer:
-    """The daemon's JSON buffer (pool.Buffer.as_json) back into a pool.Buffer."""
-    try:
-        ranges = tuple(PfnRange(int(s), int(n)) for s, n in data["pfn_ranges"])
-        return Buffer(
-            id=int(data["id"]),
-            size=int(data["size"]),
-            owner=str(data["owner"]),
-            purpose=str(data.get("purpose", "")),
-            ranges=ranges,
-            va=int(data["va"]),
-        )
-    except (KeyError, TypeError, ValueError) as exc:
-        raise PoolError("bad_response", f"malformed buffer from the daemon: {exc!r}") from None
-
-
-def _reason_of(exc: BaseException) -> tuple[str, int | None]:
-    """A stable reason word from a daemon.client.ApiError: the strategy's own reason when the
+def _reason_of(exc: SharedPoolError) -> tuple[str, int | None]:
+    """A stable reason word for a daemon.client error: the strategy's own reason when the
     problem document carries one (allocation refusals do), else the problem type's short name
-    ('urn:sharedpool:problem:pool-exhausted' -> 'pool_exhausted'); 'unavailable' for
-    connection errors."""
-    status = getattr(exc, "status", None)
-    body = getattr(exc, "body", None)
-    if isinstance(body, dict) and isinstance(body.get("reason"), str) and body["reason"]:
-        return str(body["reason"]), status
-    kind = getattr(exc, "type", None)
-    if isinstance(kind, str) and kind and kind != "about:blank":
-        short = kind.rstrip("/:").replace("/", ":").rsplit(":", 1)[-1]
-        return short.replace("-", "_"), status
-    title = getattr(exc, "title", None)
-    if isinstance(title, str) and title:
-        return title.lower().replace(" ", "_"), status
-    return "unavailable", status
+    ('urn:sharedpool:problem:pool-exhausted' -> 'pool_exhausted'); 'lease_lost',
+    'unavailable' (no answer) and 'bad_response' for the library's other errors."""
+    from daemon.client import ApiError, DaemonUnavailable, LeaseLost
+
+    if isinstance(exc, LeaseLost):
+        return "lease_lost", exc.status
+    if isinstance(exc, ApiError):
+        word = exc.reason or exc.name or exc.title.lower().replace(" ", "_") or "error"
+        return word.replace("-", "_"), exc.status
+    if isinstance(exc, DaemonUnavailable):
+        return "unavailable", None
+    return "bad_response", None
 
 
 class RemoteClient:
     """The daemon behind the client interface.
 
     `url` is "unix:/path/to/socket" or "http://host:port". Use as `async with
-    RemoteClient(url, name) as client:` or call `open()` / `close()`. Registration
-    gives a client id (the owner of our buffers) and a token for later calls; a
-    background task heartbeats every `heartbeat_seconds` so the daemon does not
-    reclaim our buffers while we are alive.
+    RemoteClient(url, name) as client:` or call `open()` / `close()`. The library
+    (daemon.client.SharedPoolClient) registers (the client id becomes the owner of our
+    buffers), keeps the lease alive in the background, retries the daemon's 503s and
+    unregisters on close.
+
+    `alloc_deadline`: seconds an allocation may wait for a growing pool (503 with
+    Retry-After) before it is a refusal the driver sees. The default 0 gives the driver the
+    in-process client's view (a refusal is immediate), so the lab counts the same refusals
+    either way; registration and the other calls retry under the library's policy (a daemon
+    still building its pool answers 503 not-ready).
     """
 
     def __init__(
@@ -203,18 +187,17 @@ class RemoteClient:
         url: str,
         name: str = "hv-netvsc-sim",
         *,
-        token: str | None = None,
-        heartbeat_seconds: float = 5.0,
+        registration_secret: str | None = None,
+        alloc_deadline: float = 0.0,
     ) -> None:
         self.url = url
         self.name = name
         self.owner = name
         self.client_id: str | None = None
         self.stats = ClientStats()
-        self._token = token
-        self._heartbeat_seconds = heartbeat_seconds
+        self._secret = registration_secret
+        self._alloc_deadline = alloc_deadline
         self._api: SharedPoolClient | None = None
-        self._heartbeat: asyncio.Task[None] | None = None
         self._sizes: dict[int, int] = {}
 
     async def __aenter__(self) -> RemoteClient:
@@ -223,40 +206,22 @@ class RemoteClient:
     async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
 
-    def _errors(self) -> tuple[type[BaseException], ...]:
-        import aiohttp
-
-        from daemon.client import ApiError
-
-        return (ApiError, aiohttp.ClientError, OSError, asyncio.TimeoutError)
-
     async def open(self) -> RemoteClient:
-        """Connect, register as `name`, start heartbeating."""
-        from daemon.client import SharedPoolClient
+        """Connect and register as `name` (the library starts the keep-alive)."""
+        from daemon.client import SharedPoolClient, SharedPoolError
 
-        api = SharedPoolClient(self.url, token=self._token)
-        await api.__aenter__()
-        self._api = api
+        api = SharedPoolClient(self.url, self.name, registration_secret=self._secret)
         try:
-            reg = await api.register(self.name)
-        except self._errors() as exc:
-            await self._drop_api()
+            await api.open()
+        except SharedPoolError as exc:
             reason, status = _reason_of(exc)
             raise PoolError(
                 reason, f"cannot register with the daemon at {self.url}: {exc}", status=status
             ) from None
-        self.client_id = str(reg.get("client_id", self.name))
-        self.owner = self.client_id
-        # register() keeps the token for the later calls (daemon.client.SharedPoolClient)
-        self._heartbeat = asyncio.create_task(self._beat(), name="hv-netvsc-sim heartbeat")
+        self._api = api
+        self.client_id = api.client_id
+        self.owner = api.client_id or self.name
         return self
-
-    async def _beat(self) -> None:
-        assert self._api is not None
-        while True:
-            await asyncio.sleep(self._heartbeat_seconds)
-            with contextlib.suppress(Exception):  # a missed beat is retried next period
-                await self._api.heartbeat()
 
     def _require(self) -> SharedPoolClient:
         if self._api is None:
@@ -264,15 +229,16 @@ class RemoteClient:
         return self._api
 
     async def allocate(self, size: int, purpose: str) -> Buffer:
+        from daemon.client import SharedPoolError
+
         api = self._require()
         t0 = time.perf_counter()
         try:
-            data = await api.allocate(size, purpose=purpose)
-        except self._errors() as exc:
+            buf = await api.allocate(size, purpose=purpose, deadline=self._alloc_deadline)
+        except SharedPoolError as exc:
             reason, status = _reason_of(exc)
             self.stats.failed(reason)
             raise PoolError(reason, str(exc), status=status) from None
-        buf = buffer_from_json(data)
         self.stats.latencies.append(time.perf_counter() - t0)
         self.stats.allocations += 1
         self.stats.allocated_bytes += size
@@ -280,43 +246,36 @@ class RemoteClient:
         return buf
 
     async def free(self, buffer_id: int) -> bool:
+        from daemon.client import SharedPoolError
+
         api = self._require()
         try:
-            data = await api.free(buffer_id)
-        except self._errors() as exc:
+            result = await api.free(buffer_id)
+        except SharedPoolError as exc:
             reason, status = _reason_of(exc)
             raise PoolError(reason, str(exc), status=status) from None
-        leaked = bool(data.get("leaked", False))
         self.stats.frees += 1
         held = self._sizes.pop(buffer_id, 0)
-        if leaked:
+        if result.leaked:
             self.stats.leaked_buffers += 1
             self.stats.leaked_bytes += held
-        return leaked
+        return result.leaked
 
     async def daemon_stats(self) -> dict[str, Any]:
+        """The daemon's GET /v1/pool document."""
+        from daemon.client import SharedPoolError
+
         api = self._require()
         try:
-            return dict(await api.stats())
-        except self._errors() as exc:
+            return dict((await api.stats()).document)
+        except SharedPoolError as exc:
             reason, status = _reason_of(exc)
             raise PoolError(reason, str(exc), status=status) from None
 
-    async def _drop_api(self) -> None:
+    async def close(self) -> None:
+        """Unregister (the daemon reclaims anything left) and disconnect (the library stops
+        the keep-alive first)."""
         api, self._api = self._api, None
         if api is not None:
-            with contextlib.suppress(Exception):
-                await api.__aexit__(None, None, None)
-
-    async def close(self) -> None:
-        """Stop heartbeating, unregister (the daemon reclaims anything left), disconnect."""
-        if self._heartbeat is not None:
-            self._heartbeat.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._heartbeat
-            self._heartbeat = None
-        if self._api is not None and self.client_id is not None:
-            with contextlib.suppress(Exception):
-                await self._api.unregister()
-            self.client_id = None
-        await self._drop_api()
+            await api.close()
+        self.client_id = None

@@ -14,12 +14,11 @@ import sys
 import time
 import tomllib
 from pathlib import Path
-from typing import Any
 
 import pytest
 from support.daemons import ADMIN_TOKEN, ROOT, Daemon
 
-from daemon.client import ApiError, SharedPoolClient
+from daemon.client import ApiError, Buffer, SharedPoolClient, register_client
 
 PY = [sys.executable, "-m", "daemon.cli"]
 
@@ -59,10 +58,13 @@ def test_help_and_config_errors(tmp_path: Path) -> None:
     assert tomllib.loads(out.stdout)["guest"]["memory"] == "16GiB"
 
 
-async def _alloc_some(url: str, name: str, sizes: list[int]) -> tuple[SharedPoolClient, list[Any]]:
-    c = SharedPoolClient(url)
+async def _alloc_some(
+    url: str, name: str, sizes: list[int]
+) -> tuple[SharedPoolClient, list[Buffer]]:
+    """A client registered outside any block (its buffers outlive close()), and its buffers."""
+    reg = await register_client(url, name)
+    c = SharedPoolClient(url, token=reg.token, client_id=reg.client_id)
     await c.open()
-    await c.register(name)
     bufs = [await c.allocate(size, purpose=f"{name}-{i}") for i, size in enumerate(sizes)]
     return c, bufs
 
@@ -74,7 +76,7 @@ async def test_graceful_shutdown_persists(tmp_path: Path) -> None:
         mode = stat.S_IMODE(os.stat(d.sock).st_mode)
         assert mode == 0o660
         c, bufs = await _alloc_some(d.unix_url, "a", [4096, 1 << 20, 3 << 20])
-        await c.free(bufs[0]["id"])
+        await c.free(bufs[0])
         await c.close()
         d.signal(signal.SIGTERM)
         assert d.wait() == 0, d.output()
@@ -93,9 +95,8 @@ async def test_graceful_shutdown_persists(tmp_path: Path) -> None:
     d2 = Daemon(tmp_path)
     try:
         await d2.wait_ready()
-        async with SharedPoolClient(d2.unix_url, token=c.token) as c2:
-            c2.client_id = c.client_id
-            assert await c2.list() == bufs[1:]
+        async with SharedPoolClient(d2.unix_url, token=c.token, client_id=c.client_id) as c2:
+            assert await c2.buffers() == bufs[1:]
             assert (await c2.invariants())["ok"]  # admin: same-uid Unix peer
             await c2.heartbeat()
         assert "snapshot at record" in d2.output()
@@ -112,9 +113,9 @@ async def test_restart_after_kill9_keeps_every_acknowledged_buffer(tmp_path: Pat
         a, a_bufs = await _alloc_some(d.unix_url, "a", [4096, 16 << 20, 1 << 20, 8192])
         assert d.tcp_url is not None
         b, b_bufs = await _alloc_some(d.tcp_url, "b", [1 << 20, 6144, 15 << 20])
-        await a.free(a_bufs[2]["id"])
+        await a.free(a_bufs[2])
         del a_bufs[2]
-        await b.free(b_bufs[1]["id"])
+        await b.free(b_bufs[1])
         del b_bufs[1]
         a_bufs.append(await a.allocate(100 << 10, purpose="late"))
         # growth under load: the pool had to grow past its 8 MiB initial size
@@ -131,19 +132,20 @@ async def test_restart_after_kill9_keeps_every_acknowledged_buffer(tmp_path: Pat
         await d2.wait_ready()
         assert "a fresh guest" in d2.output()  # no snapshot: rebuilt from the journal
         for client, bufs in ((a, a_bufs), (b, b_bufs)):
-            async with SharedPoolClient(d2.unix_url, token=client.token) as c:
-                c.client_id = client.client_id
-                assert await c.list() == sorted(bufs, key=lambda x: x["id"])
+            async with SharedPoolClient(
+                d2.unix_url, token=client.token, client_id=client.client_id
+            ) as c:
+                assert await c.buffers() == sorted(bufs, key=lambda x: x.id)
                 for buf in bufs:
-                    assert await c.get(buf["id"]) == buf
+                    assert await c.get(buf.id) == buf
                 inv = await c.invariants()
                 assert inv["ok"] and inv["buffers"] == len(a_bufs) + len(b_bufs)
                 assert inv["clients"] == 2
                 # the clients carry on
                 new = await c.allocate(4096)
-                await c.free(new["id"])
+                await c.free(new)
                 with pytest.raises(ApiError) as err:
-                    await c.free(new["id"])
+                    await c.free(new)
                 assert err.value.status == 409
     finally:
         d2.signal(signal.SIGTERM)
@@ -223,9 +225,10 @@ async def test_systemd_notify_and_socket_activation(tmp_path: Path) -> None:
         msgs: list[str] = []
         while not any("READY=1" in m for m in msgs):
             msgs.append(notify.recv(4096).decode())
-        async with SharedPoolClient(f"unix:{path}") as c:
+        async with SharedPoolClient(f"unix:{path}", register=False) as c:
             assert await c.ready()
-            await c.register("activated")
+        async with SharedPoolClient(f"unix:{path}", "activated") as c:
+            assert c.client_id
         while not any(m == "WATCHDOG=1" for m in msgs):
             msgs.append(notify.recv(4096).decode())
         proc.send_signal(signal.SIGTERM)

@@ -126,21 +126,20 @@ async def _trials(
         for st in states:
             if not st.token:
                 continue
-            async with SharedPoolClient(d.unix_url, token=st.token) as c:
-                c.client_id = st.client_id
+            async with SharedPoolClient(d.unix_url, token=st.token, client_id=st.client_id) as c:
                 await c.heartbeat()
                 new = await c.allocate(8192, purpose="after")
-                assert new["id"] not in st.ever
-                for bid in [*st.live, new["id"]]:
+                assert new.id not in st.ever
+                for bid in [*st.live, new.id]:
                     await c.free(bid)
-                assert await c.list() == []
+                assert await c.buffers() == []
                 await c.unregister()
         async with SharedPoolClient(d.unix_url, token=ADMIN_TOKEN) as admin:
             inv = await admin.invariants()
             assert inv["ok"] and inv["buffers"] == 0, inv
             pool = await admin.stats()
-        report["leaked_bytes"] = pool["strategy"]["leaked_bytes"]
-        report["unknown_pages"] = pool["guest"]["hazard_pages"]["unknown_state"]
+        report["leaked_bytes"] = pool.strategy.leaked_bytes
+        report["unknown_pages"] = pool.hazard_pages["unknown_state"]
         d.signal(signal.SIGTERM)
         assert d.wait() == 0, d.output()
     finally:

@@ -38,7 +38,7 @@ from hypothesis import HealthCheck, settings
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 from support.harness import ADMIN_TOKEN, Daemon, spawn
 
-from daemon.client import SharedPoolClient
+from daemon.client import SharedPoolClient, register_client
 
 ROOT = Path(__file__).resolve().parent.parent
 DOC: dict[str, Any] = json.loads((ROOT / "daemon" / "openapi.json").read_text())
@@ -64,12 +64,8 @@ class Fuzzer:
         self.modes: Counter[str] = Counter()
 
     def register(self) -> None:
-        async def go() -> dict[str, Any]:
-            async with SharedPoolClient(self.url) as c:
-                return await c.register("fuzz")
-
-        reg = asyncio.run(go())
-        self.token, self.client_id, self.buffers = reg["token"], reg["client_id"], []
+        reg = asyncio.run(register_client(self.url, "fuzz"))
+        self.token, self.client_id, self.buffers = reg.token, reg.client_id, []
 
 
 @pytest.fixture(scope="module")

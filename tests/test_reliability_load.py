@@ -51,10 +51,10 @@ async def test_64_concurrent_clients(tmp_path: Path) -> None:
         assert totals["applied_in_flight_allocs"] == totals["lost_in_flight_allocs"] == 0
         async with SharedPoolClient(d.unix_url, token=ADMIN_TOKEN) as admin:
             pool = await admin.stats()
-        strat = pool["strategy"]
-        assert strat["allocations"] == total.allocations
-        assert strat["frees"] == total.frees
-        assert strat["failures"] == sum(total.designed_503.values())
+        strat = pool.strategy
+        assert strat.allocations == total.allocations
+        assert strat.frees == total.frees
+        assert strat.failures == sum(total.designed_503.values())
         print(
             f"load: 64 clients x 40 requests: {total.allocations} allocations, "
             f"{total.frees} frees, designed 503s {dict(total.designed_503)}; alloc p50 "

@@ -37,7 +37,7 @@ from typing import Any
 from support.daemons import Checked, register, running_app, small_config
 from support.harness import ADMIN_TOKEN, spawn
 
-from daemon.client import ApiError, SharedPoolClient
+from daemon.client import ApiError, SharedPoolClient, register_client
 
 P = "urn:sharedpool:problem:"
 PROBLEM_KEYS = {"type", "title", "status", "detail", "instance", "field", "reason"}
@@ -107,7 +107,7 @@ async def test_a_client_cannot_see_free_or_learn_another_clients_buffers(tmp_pat
 
 
 async def _status(url: str, token: str | None, method: str, path: str, body: Any = None) -> int:
-    async with SharedPoolClient(url, token=token) as c:
+    async with SharedPoolClient(url, token=token, register=False) as c:
         try:
             await c.request(method, path, body, auth=token is not None)
         except ApiError as exc:
@@ -127,8 +127,7 @@ async def test_admin_routes_and_socket_permissions(tmp_path: Path) -> None:
     try:
         await d.wait_ready()
         assert d.tcp_url is not None
-        async with SharedPoolClient(d.unix_url) as c:
-            token = (await c.register("someone"))["token"]
+        token = (await register_client(d.unix_url, "someone")).token
         near_misses = [
             ADMIN_TOKEN[:-1],
             ADMIN_TOKEN + "x",
@@ -172,8 +171,7 @@ async def test_admin_routes_and_socket_permissions(tmp_path: Path) -> None:
     try:
         await d.wait_ready()
         assert stat.S_IMODE(os.stat(d.sock).st_mode) == 0o600
-        async with SharedPoolClient(d.unix_url) as c:
-            token = (await c.register("someone"))["token"]
+        token = (await register_client(d.unix_url, "someone")).token
         for method, path, body in ADMIN_ROUTES:
             assert await _status(d.unix_url, None, method, path, body) == 401
             assert await _status(d.unix_url, token, method, path, body) == 403
@@ -215,18 +213,20 @@ async def test_tokens_never_logged(tmp_path: Path) -> None:
         assert d.tcp_url is not None
         clients = []
         for i in range(3):
-            c = SharedPoolClient(d.unix_url if i % 2 else d.tcp_url)
+            url = d.unix_url if i % 2 else d.tcp_url
+            reg = await register_client(url, f"c{i}")  # outlives the client: left to expire
+            c = SharedPoolClient(url, token=reg.token, client_id=reg.client_id)
             await c.open()
-            tokens.append((await c.register(f"c{i}"))["token"])
+            tokens.append(reg.token)
             clients.append(c)
         a = clients[0]
         buf = await a.allocate(4096)
-        await a.get(buf["id"])
-        await a.free(buf["id"])
+        await a.get(buf.id)
+        await a.free(buf)
         for bad in ("Bearer " + tokens[1] + "x", "bearer " + tokens[1][:-1]):
             async with SharedPoolClient(d.tcp_url, token=bad.split(" ", 1)[1]) as c:
                 try:
-                    await c.list()
+                    await c.buffers()
                 except ApiError as exc:
                     assert exc.status == 401
             tokens.append(bad.split(" ", 1)[1])

@@ -113,7 +113,7 @@ async def test_simulator_against_a_failing_host(
             if not leaks_on_free:
                 await admin.shrink(force=True)  # give everything back: re-encryptions
             inv = await admin.invariants()
-            pool = await admin.stats()
+            pool = (await admin.stats()).document
             assert await admin.ready()
         assert inv["ok"] and inv["buffers"] == 0, inv
         strat, guest = pool["strategy"], pool["guest"]

@@ -168,7 +168,7 @@ def _daemon_buffers(d) -> int:
     async def count() -> int:
         async with SharedPoolClient(d.unix_url, token=ADMIN_TOKEN) as c:
             stats = await c.stats()
-            return int(stats["daemon"]["buffers"])
+            return stats.buffers
 
     return asyncio.run(count())
 

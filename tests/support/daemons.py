@@ -164,7 +164,7 @@ class Daemon:
 
         self.wait_listening(timeout)
         deadline = time.monotonic() + timeout
-        async with SharedPoolClient(self.unix_url) as c:
+        async with SharedPoolClient(self.unix_url, register=False) as c:
             while time.monotonic() < deadline:
                 if await c.ready():
                     return

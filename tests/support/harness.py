@@ -19,10 +19,16 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import attrs
 
-from daemon.client import ApiError, SharedPoolClient
+from daemon.client import (
+    NO_RETRY,
+    ApiError,
+    Buffer,
+    DaemonUnavailable,
+    SharedPoolClient,
+    register_client,
+)
 from support.daemons import ADMIN_TOKEN, ROOT, SMALL, Daemon
 
 __all__ = [
@@ -58,14 +64,9 @@ SIZES: tuple[tuple[int, int], ...] = (
     (16 << 20, 1),
 )
 
-# Errors that mean the daemon went away (killed) while a request was in flight.
-CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
-    aiohttp.ClientConnectionError,
-    aiohttp.ClientPayloadError,
-    asyncio.TimeoutError,
-    ConnectionError,
-    OSError,
-)
+# Errors that mean the daemon went away (killed) while a request was in flight: the client
+# library raises DaemonUnavailable (a ConnectionError) for all of them.
+CONNECTION_ERRORS: tuple[type[BaseException], ...] = (DaemonUnavailable,)
 
 
 def write_toml(path: Path, daemon: Mapping[str, Any]) -> Path:
@@ -108,7 +109,7 @@ class ClientState:
     name: str
     client_id: str = ""
     token: str = ""
-    live: dict[int, dict[str, Any]] = attrs.Factory(dict)
+    live: dict[int, Buffer] = attrs.Factory(dict)
     pending_alloc: int = 0
     pending_free: set[int] = attrs.Factory(set)
     freed: set[int] = attrs.Factory(set)
@@ -181,13 +182,16 @@ async def client_worker(
     daemon goes away (the request in flight is then left pending in `state`)."""
     weights = [w for _, w in sizes]
     values = [s for s, _ in sizes]
-    async with SharedPoolClient(url, timeout=timeout) as c:
-        try:
-            if not state.token:
-                reg = await c.register(state.name)
-                state.client_id, state.token = reg["client_id"], reg["token"]
-            else:
-                c.token, c.client_id = state.token, state.client_id
+    try:
+        if not state.token:
+            # registered by hand, not by the client's context: the registration must outlive
+            # this worker (a crash test's next life carries on with the token)
+            reg = await register_client(url, state.name, timeout=timeout, retry=NO_RETRY)
+            state.client_id, state.token = reg.client_id, reg.token
+        # no retry: every request is one acknowledged answer (or one in flight) in the record
+        async with SharedPoolClient(
+            url, token=state.token, client_id=state.client_id, timeout=timeout, retry=NO_RETRY
+        ) as c:
             for _ in range(cycles):
                 if stop is not None and stop.is_set():
                     return
@@ -206,7 +210,7 @@ async def client_worker(
                     del state.live[bid]
                     state.freed.add(bid)
                     stats.frees += 1
-                    stats.leaked_frees += bool(res.get("leaked"))
+                    stats.leaked_frees += res.leaked
                 else:
                     size = rng.choices(values, weights)[0]
                     state.pending_alloc += 1
@@ -220,15 +224,15 @@ async def client_worker(
                         continue
                     stats.alloc_latency.append(time.perf_counter() - t0)
                     state.pending_alloc -= 1
-                    if buf["id"] in state.ever:
-                        stats.errors.append(f"buffer id {buf['id']} given twice")
-                    state.ever.add(buf["id"])
-                    state.live[buf["id"]] = buf
+                    if buf.id in state.ever:
+                        stats.errors.append(f"buffer id {buf.id} given twice")
+                    state.ever.add(buf.id)
+                    state.live[buf.id] = buf
                     stats.allocations += 1
                 if extras and rng.random() < 0.1:
                     await _extra(c, state, stats, rng)
-        except CONNECTION_ERRORS:
-            stats.disconnects += 1
+    except CONNECTION_ERRORS:
+        stats.disconnects += 1
 
 
 async def _extra(
@@ -239,7 +243,7 @@ async def _extra(
     if pick == 0:
         await c.heartbeat()
     elif pick == 1:
-        listed = {b["id"] for b in await c.list()}
+        listed = {b.id for b in await c.buffers()}
         if not set(state.live) <= listed:
             stats.errors.append(f"list misses acknowledged buffers {set(state.live) - listed}")
     elif pick == 2 and state.live:
@@ -253,8 +257,8 @@ async def _extra(
 # ---- after a crash -------------------------------------------------------------------------
 
 
-def _pfns(buf: Mapping[str, Any]) -> set[int]:
-    return {p for start, n in buf["pfn_ranges"] for p in range(start, start + n)}
+def _pfns(buf: Buffer) -> set[int]:
+    return {p for r in buf.ranges for p in range(r.start, r.start + r.npages)}
 
 
 async def verify_restored(url: str, states: list[ClientState]) -> dict[str, int]:
@@ -274,12 +278,11 @@ async def verify_restored(url: str, states: list[ClientState]) -> dict[str, int]
     for st in states:
         if not st.token:
             continue  # its registration was never answered
-        async with SharedPoolClient(url, token=st.token) as c:
-            c.client_id = st.client_id
-            listed = await c.list()
-            ids = [b["id"] for b in listed]
+        async with SharedPoolClient(url, token=st.token, client_id=st.client_id) as c:
+            listed = await c.buffers()
+            ids = [b.id for b in listed]
             assert len(ids) == len(set(ids)), f"{st.name}: an id listed twice: {ids}"
-            by_id = {b["id"]: b for b in listed}
+            by_id = {b.id: b for b in listed}
             for bid, buf in st.live.items():
                 if bid in st.pending_free and bid not in by_id:
                     continue  # the free in flight was applied before the crash
@@ -295,14 +298,14 @@ async def verify_restored(url: str, states: list[ClientState]) -> dict[str, int]
             )
             for bid in extra:
                 assert bid not in st.ever, f"{st.name}: id {bid} reused"
-                assert by_id[bid]["owner"] == st.client_id
+                assert by_id[bid].owner == st.client_id
             assert not seen_ids & set(ids), (
                 f"{st.name}: ids of another client: {seen_ids & set(ids)}"
             )
             seen_ids |= set(ids)
             for buf in listed:
                 pfns = _pfns(buf)
-                assert not pfns & seen_pfns, f"{st.name}: buffer {buf['id']} shares PFNs"
+                assert not pfns & seen_pfns, f"{st.name}: buffer {buf.id} shares PFNs"
                 seen_pfns |= pfns
             totals["buffers"] += len(listed)
             totals["applied_in_flight_allocs"] += len(extra)
