@@ -92,7 +92,10 @@ def _plain_list(values: Any) -> bool:
 
 
 def project_class(cls: type) -> bool:
-    return bool(_MODULE.match(cls.__module__)) and cls.__module__.split(".")[0] in ("pool", "daemon")
+    return bool(_MODULE.match(cls.__module__)) and cls.__module__.split(".")[0] in (
+        "pool",
+        "daemon",
+    )
 
 
 def _self_assignments(cls: type) -> set[str]:
@@ -117,9 +120,12 @@ def _self_assignments(cls: type) -> set[str]:
                 t = targets.pop()
                 if isinstance(t, ast.Tuple | ast.List):
                     targets.extend(t.elts)
-                elif isinstance(t, ast.Attribute) and isinstance(t.value, ast.Name):
-                    if t.value.id == me:
-                        names.add(t.attr)
+                elif (
+                    isinstance(t, ast.Attribute)
+                    and isinstance(t.value, ast.Name)
+                    and t.value.id == me
+                ):
+                    names.add(t.attr)
     return names
 
 
@@ -146,7 +152,7 @@ def class_info(cls: type) -> ClassInfo:
     for base in cls.__mro__[1:]:
         if base is not object and not project_class(base) and base.__module__ != "typing":
             raise PlainDataError(f"class {name} derives from {base.__module__}.{base.__name__}")
-    if cls.__new__ is not object.__new__:
+    if cls.__new__ is not object.__new__:  # type: ignore[comparison-overlap]
         raise PlainDataError(f"class {name} has its own __new__")
     slots: dict[str, Any] = {}
     for klass in reversed(cls.__mro__):
@@ -296,7 +302,9 @@ class Encoder:
             self.keep.append(arr)
             return {"$": "npscalar", "a": self._ndarray(arr)}
         if isinstance(x, enum.Enum) and project_class(t):
-            i = self._class_index(t, "enum", enum_fingerprint(t), f"{t.__module__}:{t.__qualname__}")
+            i = self._class_index(
+                t, "enum", enum_fingerprint(t), f"{t.__module__}:{t.__qualname__}"
+            )
             return {"$": "enum", "c": i, "name": x.name}
         if isinstance(t, type) and project_class(t) and not isinstance(x, type):
             return self._object(x, t)
@@ -306,7 +314,8 @@ class Encoder:
         dt = x.dtype
         if dt.hasobject or dt.fields is not None or not _DTYPE.match(dt.str):
             raise PlainDataError(f"numpy arrays of dtype {dt} cannot be stored as raw bytes")
-        at, n = self._blob(memoryview(np.ascontiguousarray(x)).cast("B"))
+        raw: Any = np.ascontiguousarray(x)
+        at, n = self._blob(memoryview(raw).cast("B"))
         return {
             "$": "nd",
             "dt": dt.str,
@@ -361,7 +370,7 @@ class Decoder:
                 now = enum_fingerprint(cls)
                 self.classes.append(("enum", cls))
             elif kind == "obj" and not issubclass(cls, enum.Enum):
-                info = class_info(cls)
+                info = class_info(cls)  # type: ignore[arg-type]
                 now = info.fingerprint
                 self.classes.append(("obj", info))
             else:
@@ -395,7 +404,9 @@ class Decoder:
 
     def _bytes(self, p: dict[str, Any]) -> memoryview:
         at, n = p["at"], p["n"]
-        if not (type(at) is int and type(n) is int and 0 <= at and 0 <= n and at + n <= len(self.binary)):
+        if not (
+            type(at) is int and type(n) is int and at >= 0 and n >= 0 and at + n <= len(self.binary)
+        ):
             raise PlainDataError(f"binary reference {at!r:.20}+{n!r:.20} out of range")
         return self.binary[at : at + n]
 
@@ -428,7 +439,9 @@ class Decoder:
             if type(i) is not int or not 0 <= i < len(self.memo) or self.memo[i] is _UNBUILT:
                 raise PlainDataError(f"reference {i!r:.20} to nothing built")
             return self.memo[i]
-        method = getattr(self, f"_tag_{tag}", None) if isinstance(tag, str) and tag.isalpha() else None
+        method = (
+            getattr(self, f"_tag_{tag}", None) if isinstance(tag, str) and tag.isalpha() else None
+        )
         if method is None:
             raise PlainDataError(f"unknown tag {tag!r:.40}")
         return method(p)
@@ -560,7 +573,7 @@ class Decoder:
         fields = p["f"]
         if type(fields) is not dict or not fields.keys() <= info.field_set:
             raise PlainDataError(f"{info.name}: fields not of its class")
-        obj = object.__new__(info.cls)
+        obj: Any = object.__new__(info.cls)
         self._new_slot(obj)
         d = obj.__dict__ if info.has_dict else None
         for k, v in fields.items():

@@ -23,9 +23,7 @@ from daemon import plaindata
 from pool.strategy import Strategy
 
 SNAPSHOT_FORMAT = 2
-_ADVICE = (
-    "start with --reset-state or restore from the journal of a daemon of that version"
-)
+_ADVICE = "start with --reset-state or restore from the journal of a daemon of that version"
 
 
 class SnapshotError(RuntimeError):

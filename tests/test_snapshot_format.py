@@ -25,7 +25,7 @@ from pool.guest import FaultPlan, GuestConfig
 from pool.guest.units import MiB
 from pool.provision import Guests, provision
 from pool.registry import STRATEGIES, PoolSettings
-from pool.strategy import AllocationError, Resizable, StrategyError, Strategy
+from pool.strategy import AllocationError, Resizable, Strategy, StrategyError
 
 SETTINGS = PoolSettings(
     initial_bytes=8 * MiB,
@@ -37,7 +37,10 @@ SETTINGS = PoolSettings(
 )
 
 
-def _strategy(name: str, faults: FaultPlan = FaultPlan(failure_rate=0.1, seed=7)) -> Strategy:
+_FAULTS = FaultPlan(failure_rate=0.1, seed=7)
+
+
+def _strategy(name: str, faults: FaultPlan = _FAULTS) -> Strategy:
     # fault injection: some conversions fail, leaving leaked / unknown-state pages
     cfg = GuestConfig(memory_bytes=2048 * MiB, faults=faults)
     return provision(name, Guests(cfg, 300, keep=False), SETTINGS).strategy
@@ -82,9 +85,7 @@ def _observe(s: Strategy) -> dict[str, Any]:
         "attr": g.direct_map.attr.tobytes(),
         "level": g.direct_map.level.tobytes(),
         "allocator": bytes(g.allocator._state),
-        "free_lists": [
-            [g.allocator.free_blocks(z.name, o) for o in range(11)] for z in g.zones
-        ],
+        "free_lists": [[g.allocator.free_blocks(z.name, o) for o in range(11)] for z in g.zones],
         "vmalloc": sorted((a.id, a.va, a.pfns.tobytes()) for a in g.vmalloc),
         "host_calls": g.platform.host.calls,  # type: ignore[attr-defined]
     }
@@ -259,7 +260,9 @@ def test_shared_references_cycles_and_special_values() -> None:
     assert back["t"][1:] == (1.5, math.inf, -math.inf) and math.isnan(back["nan"])
     assert back[3] == frozenset({1, 2}) and back[(1, 2)] == {4, 5}
     assert back["dq"] == deque([1, 2]) and back["dq"].maxlen == 5
-    assert back["arr"] is back["arr2"] and (back["arr"] == arr).all() and back["arr"].flags.writeable
+    assert (
+        back["arr"] is back["arr2"] and (back["arr"] == arr).all() and back["arr"].flags.writeable
+    )
     assert not back["ro"].flags.writeable and (back["ro"] == ro).all()
     assert (back["fortran"] == value["fortran"]).all()
     assert type(back["np"]) is np.float32 and back["np"] == 2.5
@@ -285,15 +288,19 @@ _scalars = (
     | st.text(max_size=8)
     | st.binary(max_size=8)
 )
-_hashables = st.recursive(_scalars, lambda c: st.tuples(c, c) | st.frozensets(c, max_size=3), max_leaves=6)
+_hashables = st.recursive(
+    _scalars, lambda c: st.tuples(c, c) | st.frozensets(c, max_size=3), max_leaves=6
+)
 _values = st.recursive(
     _scalars,
-    lambda c: st.lists(c, max_size=4)
-    | st.tuples(c, c)
-    | st.dictionaries(st.text(max_size=4), c, max_size=4)
-    | st.dictionaries(_hashables, c, max_size=4)
-    | st.sets(_hashables, max_size=4)
-    | st.builds(deque, st.lists(c, max_size=3)),
+    lambda c: (
+        st.lists(c, max_size=4)
+        | st.tuples(c, c)
+        | st.dictionaries(st.text(max_size=4), c, max_size=4)
+        | st.dictionaries(_hashables, c, max_size=4)
+        | st.sets(_hashables, max_size=4)
+        | st.builds(deque, st.lists(c, max_size=3))
+    ),
     max_leaves=20,
 )
 
@@ -324,5 +331,5 @@ def _same_types(a: Any, b: Any) -> None:
 
 def test_strategy_error_types_are_not_in_a_state() -> None:
     assert issubclass(AllocationError, StrategyError)  # exceptions are refused as data
-    with pytest.raises(plaindata.PlainDataError, match="derives from builtins.Exception"):
+    with pytest.raises(plaindata.PlainDataError, match=r"derives from builtins\.Exception"):
         plaindata.dumps(AllocationError("exhausted", "x"))
