@@ -92,10 +92,8 @@ def _plain_list(values: Any) -> bool:
 
 
 def project_class(cls: type) -> bool:
-    return bool(_MODULE.match(cls.__module__)) and cls.__module__.split(".")[0] in (
-        "pool",
-        "daemon",
-    )
+    """A class of the project's own packages (the _MODULE pattern: pool.*, daemon.*)."""
+    return bool(_MODULE.match(cls.__module__))
 
 
 def _self_assignments(cls: type) -> set[str]:
