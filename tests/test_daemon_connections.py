@@ -16,12 +16,6 @@ from support.daemons import Daemon
 from daemon.connections import ConnectionGuard, RateLimitedLog
 
 
-def _metrics_url(d: Daemon) -> str:
-    m = re.search(r"metrics=tcp:(127\.0\.0\.1:\d+)", d.output())
-    assert m, d.output()
-    return f"http://{m.group(1)}"
-
-
 def _unix(path: Path) -> socket.socket:
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.connect(str(path))  # blocking: waits while the daemon's backlog is full
@@ -53,7 +47,7 @@ async def test_2000_held_connections_leave_healthz_answering_and_the_log_short(
     held: list[socket.socket] = []
     try:
         await d.wait_ready()
-        url = _metrics_url(d)
+        url = d.metrics_url()
         for _ in range(2000):
             held.append(_unix(d.sock))
         # past the limit, a connection is answered 503 at once and closed

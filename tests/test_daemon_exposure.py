@@ -21,29 +21,12 @@ from typing import Any
 
 import aiohttp
 import pytest
-from support.daemons import ROOT, Daemon, load_openapi
+from support.daemons import DAEMON_CLI, ROOT, Daemon, load_openapi
+from support.daemons import run_cli as _run
 
 from daemon.config import default_state_dir, default_unix_socket
 
-PY = [sys.executable, "-m", "daemon.cli"]
 SECRET = "registration-secret-0123456789"
-
-
-def _run(*args: str, cwd: Path, timeout: float = 30) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [*PY, *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )
-
-
-def _metrics_url(d: Daemon) -> str:
-    m = re.search(r"metrics=tcp:(127\.0\.0\.1:\d+)", d.output())
-    assert m, d.output()
-    return f"http://{m.group(1)}"
 
 
 def _get(url: str) -> tuple[int, bytes]:
@@ -188,7 +171,7 @@ async def test_metrics_only_listener_serves_nothing_else(tmp_path: Path) -> None
     d = Daemon(tmp_path, "--metrics-listen", "tcp:127.0.0.1:0", tcp=False)
     try:
         await d.wait_ready()
-        url = _metrics_url(d)
+        url = d.metrics_url()
         status, body = _get(url + "/metrics")
         assert status == 200 and b"sharedpool_pool_size_bytes" in body
         # the standard process collectors are in the daemon's own registry
@@ -256,7 +239,11 @@ def test_help_shows_sizes_and_modes_as_operators_write_them(tmp_path: Path) -> N
     assert "(default: 16GiB)" in text and "(default: 0660)" in text
     assert "(default: 64MiB)" in text
     assert "--metrics-listen" in text and "--version" in text
-    for cmd in (PY, [sys.executable, "-m", "hv_netvsc_sim"], [sys.executable, "-m", "pool.guest"]):
+    for cmd in (
+        DAEMON_CLI,
+        [sys.executable, "-m", "hv_netvsc_sim"],
+        [sys.executable, "-m", "pool.guest"],
+    ):
         version = subprocess.run(
             [*cmd, "--version"], capture_output=True, text=True, timeout=30, cwd=ROOT
         )
@@ -338,7 +325,7 @@ def test_sigterm_while_aging_stops_promptly_and_never_reports_ready(tmp_path: Pa
     with open(log, "wb") as logf:
         proc = subprocess.Popen(
             [
-                *PY,
+                *DAEMON_CLI,
                 "--state-dir",
                 str(tmp_path / "state"),
                 "--listen",

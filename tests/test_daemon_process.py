@@ -4,6 +4,7 @@ credentials."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -16,22 +17,11 @@ import tomllib
 from pathlib import Path
 
 import pytest
-from support.daemons import ADMIN_TOKEN, ROOT, Daemon
+from support.daemons import ADMIN_TOKEN, ROOT, Daemon, run_cli
 
 from daemon.client import ApiError, Buffer, SharedPoolClient, register_client
 
-PY = [sys.executable, "-m", "daemon.cli"]
-
-
-def _run(*args: str, cwd: Path, timeout: float = 20) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [*PY, *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )
+_run = functools.partial(run_cli, timeout=20)
 
 
 def test_help_and_config_errors(tmp_path: Path) -> None:

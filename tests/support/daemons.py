@@ -86,6 +86,21 @@ async def register(client: TestClient, name: str = "c") -> tuple[str, str]:
     return body["client_id"], body["token"]
 
 
+DAEMON_CLI = [sys.executable, "-m", "daemon.cli"]
+
+
+def run_cli(*args: str, cwd: Path, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    """`sharedpoold ARGS` to completion (the checkout's code), its output captured."""
+    return subprocess.run(
+        [*DAEMON_CLI, *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+
+
 # ---- a spawned daemon --------------------------------------------------------------------
 
 # the text line, or (--json-logs) the "listening" record's listeners
@@ -143,6 +158,12 @@ class Daemon:
 
     def output(self) -> str:
         return self.log.read_text(errors="replace")
+
+    def metrics_url(self) -> str:
+        """The metrics-only listener's URL, from the text listening line."""
+        m = re.search(r"metrics=tcp:(127\.0\.0\.1:\d+)", self.output())
+        assert m, self.output()
+        return f"http://{m.group(1)}"
 
     def wait_listening(self, timeout: float = 20.0) -> None:
         deadline = time.monotonic() + timeout
