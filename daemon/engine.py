@@ -29,9 +29,11 @@ import attrs
 
 from daemon.clients import AdminCredential, Client, Clients, token_hash
 from daemon.config import Config
+from daemon.forksnap import ForkFailed, encode_forked
 from daemon.journal import AsyncJournal, Journal, is_storage_full
 from daemon.position import POSITION_NAME, Position, PositionFile
 from daemon.quotas import QuotaExceeded, Quotas
+from daemon.snapshot import Prepared
 from daemon.state import (
     Allocate,
     ClientGone,
@@ -454,9 +456,16 @@ class Service:
             self._flush_idle()
         while journal.committed != journal.last_seq:
             await self._durable()
-        # No await from here to the pickle: the state is exactly that of record `seq`.
+        # No await from here to the fork (or the in-process walk): the state is exactly that
+        # of record `seq`. A forked child walks its copy-on-write image (daemon.forksnap);
+        # where it cannot, the walk runs here and the packing on the writer thread.
         seq = journal.last_seq
-        blob = state.snapshot(seq)
+        try:
+            blob = await encode_forked(lambda: state.snapshot(seq).pack())
+        except ForkFailed as exc:
+            log.warning("snapshot encoded in-process (the event loop waits): %s", exc)
+            prepared = state.snapshot(seq)
+            blob = await journal.run(Prepared.pack, prepared)
         try:
             await journal.run(journal.journal.write_snapshot, seq, blob)
         except Exception as exc:

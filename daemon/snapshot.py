@@ -39,7 +39,26 @@ class SnapshotContents:
     clock: float
 
 
+@attrs.frozen
+class Prepared:
+    """A snapshot walked but not yet packed: the JSON document and the binary section, both
+    fresh objects that share nothing with the live state. The walk must see one consistent
+    state, so it runs on the event loop; :meth:`pack` (JSON encoding and zlib, most of the
+    time) touches only these copies, so the daemon runs it on its journal writer thread."""
+
+    document: dict[str, Any]
+    binary: bytearray
+
+    def pack(self) -> bytes:
+        return plaindata.pack(self.document, self.binary)
+
+
 def encode(contents: SnapshotContents) -> bytes:
+    return prepare(contents).pack()
+
+
+def prepare(contents: SnapshotContents) -> Prepared:
+    """Walk the state into plain data (the part of :func:`encode` that reads the state)."""
     enc = plaindata.Encoder()
     try:
         strategy = enc.encode(contents.strategy)
@@ -54,7 +73,7 @@ def encode(contents: SnapshotContents) -> bytes:
         "reclaimed": contents.reclaimed,
         "clock": contents.clock,
     }
-    return plaindata.pack(document, enc.binary)
+    return Prepared(document, enc.binary)
 
 
 def _format_of(data: bytes) -> tuple[Any, Any]:

@@ -142,9 +142,10 @@ class DaemonState:
         return InvariantReport(len(buffers), len(self.clients), sum(b.npages for b in buffers))
 
     # -- snapshots ----------------------------------------------------------------------
-    def snapshot(self, seq: int) -> bytes:
+    def snapshot(self, seq: int) -> snapshot.Prepared:
+        """The state as of record `seq`, walked into plain data (pack it to get the bytes)."""
         rows = tuple((c.id, c.name, c.token_hash, c.registered_at) for c in self.clients.values())
-        return snapshot.encode(
+        return snapshot.prepare(
             snapshot.SnapshotContents(
                 seq, self.strategy, rows, self.reclaimed_buffers, self.clock.now()
             )
