@@ -15,7 +15,7 @@ import pytest
 from hv_netvsc_sim.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
-SMALL_GUEST = ["--guest-memory", "1GiB", "--age-steps", "10000"]
+SMALL_GUEST = ["--guest-memory", "2GiB", "--age-steps", "10000"]
 
 
 def _cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:

@@ -11,7 +11,9 @@ import pytest
 
 from pool.guest.buddy import PageAllocator
 from pool.guest.fragmentation import unusable_free_index
+from pool.guest.migratetype import MIGRATE_UNMOVABLE
 from pool.guest.units import PAGE_SHIFT, PAGES_PER_2M, GiB
+from pool.guest.vmalloc import vm_area_alloc_pages
 from pool.guest.workload import Churn, ChurnConfig
 
 G = GiB >> PAGE_SHIFT
@@ -179,3 +181,47 @@ def test_free_batch_frees_runs_of_entries() -> None:
     churn.run(5_000)
     assert a.allocated_pages() == churn.live_pages
     a.check_invariants()
+
+
+# ---------------------------------------------------------------- kernel-memory bursts
+
+
+def test_kernel_burst_keeps_about_half_as_long_lived_unmovable_blocks() -> None:
+    # 1 GiB, 1,000 burst blocks, no page cache at all: step 0's episode is the burst alone
+    # (pressure_occupancy 0: the page cache does not grow; occupancy is far above what the
+    # burst keeps, so reclaim frees nothing).
+    a = guest(1)
+    config = ChurnConfig(
+        kernel_burst_blocks_per_gib=1000, pressure_occupancy=0.0, long_fraction=0.0
+    )
+    churn = Churn(a, 7, config)
+    churn._pressure_episode()
+    kept = list(churn.allocations())
+    assert 400 <= len(kept) <= 600  # each block kept on a coin flip
+    assert churn.allocations_made == 1000 and churn.frees_made == 1000 - len(kept)
+    assert churn.long_lived_pages == churn.live_pages == sum(1 << o for _, o in kept)
+    for pfn, order in kept:
+        assert order <= 3
+        assert a.allocated_order(pfn) == order
+        assert a.allocated_migratetype(pfn) == MIGRATE_UNMOVABLE
+    a.check_invariants()
+    assert a.allocated_pages() - a.pcp_pages() == churn.live_pages
+
+
+def test_no_bursts_is_the_page_cache_aging_alone() -> None:
+    a, b = guest(2), guest(2)
+    Churn(a, 3, ChurnConfig(kernel_burst_blocks_per_gib=0)).run(5_000)
+    with_bursts = Churn(b, 3)
+    with_bursts.run(5_000)
+    assert state(a) != state(b)  # the burst changed the layout
+    assert with_bursts.long_lived_pages > 0
+
+
+@pytest.mark.slow
+def test_default_aged_16gib_guest_puts_a_vmalloc_buffer_in_the_heavy_churn_band() -> None:
+    # DESIGN.md: 300-380 distinct 2 MiB regions after heavy churn on real Linux 6.1.
+    a = guest(16)
+    Churn(a, 1).run(1_000_000)
+    b = a.clone()
+    regions = {pfn // PAGES_PER_2M for pfn in vm_area_alloc_pages(b, 4096)}
+    assert 300 <= len(regions) <= 380, len(regions)

@@ -21,35 +21,39 @@ The model (each knob is a field of :class:`ChurnConfig`):
   pages). Reclaim takes victims among the short-lived allocations, uniformly at random
   (reclaim order is only loosely related to physical placement), except when the long-lived
   ones exceed their share of the target, then it takes a long-lived victim.
-- **Memory-pressure episodes.** At step 0 and then every ``pressure_interval`` steps, the
-  page cache grows (a big file read: folios of the page-cache mix, no frees) until live
-  memory reaches ``pressure_occupancy`` of RAM, and reclaim then evicts random short-lived
+- **Memory-pressure episodes.** At step 0 and then every ``pressure_interval`` steps, kernel
+  memory grows first (a burst of the real-kernel test module's pattern: unmovable blocks of
+  orders 0-3, half freed at once, the other half kept as long-lived memory), then the page
+  cache grows (a big file read: folios of the page-cache mix, no frees) until live memory
+  reaches ``pressure_occupancy`` of RAM, and reclaim then evicts random short-lived
   allocations down to the occupancy target again. The first episode touches most of RAM in
   a few hundred thousand allocations (the guest's memory has all been used once), later
   ones mix the layout again.
 
 What "aged" means: with the defaults, 1,000,000 steps on a 16 GiB guest (RAM = [0, 3 GiB) and
-[4 GiB, 17 GiB)), one vCPU, as measured by ``bench/bench_guest_scale.py`` (seed 1):
+[4 GiB, 17 GiB)), one vCPU, seeds 1-5 (``bench/bench_guest_scale.py`` for seed 1):
 
-- 24.8 % of RAM is free (occupancy 0.75). The Normal zone's free memory is all in blocks below
+- A 16 MiB vmalloc buffer (``vm_area_alloc_pages``, unmovable) lands in 343 / 363 / 389
+  (min / median / max) distinct 2 MiB regions, against 8 on the pristine guest: DESIGN.md's
+  band after heavy churn on a real Linux 6.1 guest is 300-380 (8-9 after boot, 130-150 after
+  moderate churn). The kernel bursts are what puts it there: their kept halves, retired at
+  random among the long-lived allocations, leave free pages scattered through unmovable
+  pageblocks all over Normal, and the bulk allocator takes those before it steals anything.
+  Without the bursts (``kernel_burst_blocks_per_gib = 0``) page-cache aging alone leaves
+  Normal no unmovable free pages, so the buffer steals whole pageblocks and lands in 15
+  regions. The figure builds up over the first episodes (seed 1: 50 regions after 500,000
+  steps, 328 after 750,000) and swings with the point in the episode cycle (a reading 25,000
+  steps after an episode: ~440), which is why calibration reads it at the default 1 M steps.
+- 24.6 % of RAM is free (occupancy 0.75). The Normal zone's free memory is all in blocks below
   order 9: unusable free index at order 9 = 1.000 (the real 4 GiB guest after churn, in
-  ``examples/buddyinfo/linux-6.1-4GiB-after-churn.unusable_index``: 0.974). Its smallest free
-  blocks are order-2 and order-3 holes; orders 0-1 are used up by the steady small allocations.
-- 734 MiB stay in order-9/10 blocks, in DMA32: the tenth of RAM that pressure episodes never
-  reach (Normal is filled first), less the pageblocks the unmovable and reclaimable
-  allocations claimed there (``ALLOC_NOFRAGMENT`` sends them to DMA32's whole free pageblocks
-  once Normal has none).
-- A 16 MiB vmalloc buffer (``vm_area_alloc_pages``, unmovable) lands in 15 distinct 2 MiB
-  regions, against 8 on the pristine guest: Normal holds no unmovable free pages, so the bulk
-  allocator steals movable pageblocks of Normal and takes each one's free pages together.
-  DESIGN.md's real-guest figures (8-9 after boot, 130-150 after moderate, 300-380 after heavy
-  churn) come from unmovable churn, which pool.guest.modulechurn reproduces; this page-cache
-  aging does not reach that band (the calibration to it is open).
+  ``examples/buddyinfo/linux-6.1-4GiB-after-churn.unusable_index``: 0.974).
+- About 800 MiB (778-820) stay in order-9/10 blocks, in DMA32: the tenth of RAM that pressure
+  episodes never reach (Normal is filled first), less the pageblocks the unmovable and
+  reclaimable allocations claimed there (``ALLOC_NOFRAGMENT`` sends them to DMA32's whole free
+  pageblocks once Normal has none). After 200,000 steps (the daemon's default aging) 528 MiB.
 
-64 GiB, same 1 M steps: 9 regions (Normal keeps order-10 blocks, which unmovable requests
-claim whole), unusable index 0.856. Aging takes ~2.5x the time it took before the per-cpu
-lists (64 GiB: 23x the bench's bare-loop baseline, against 8.5x), peak RSS 356 MiB at 64 GiB
-(the per-pfn list links) and 116 MiB at 16 GiB.
+4 GiB, same 1 M steps: 278 regions. Aging takes ~2.5x the time it took before the per-cpu
+lists; peak RSS 356 MiB at 64 GiB (the per-pfn list links) and 116 MiB at 16 GiB.
 
 Migratetypes: page cache (pressure episodes, short-lived orders 2+) and anonymous memory are
 movable; short-lived order-0/1 kernel pages (``short_unmovable``) and slab and page tables
@@ -79,7 +83,7 @@ import attrs
 
 from pool.guest.buddy import PageAllocator
 from pool.guest.migratetype import MIGRATE_MOVABLE, MIGRATE_RECLAIMABLE, MIGRATE_UNMOVABLE
-from pool.guest.units import NR_ORDERS
+from pool.guest.units import NR_ORDERS, PAGE_SHIFT, GiB
 
 __all__ = ["Churn", "ChurnConfig"]
 
@@ -110,9 +114,8 @@ def _check_fraction(_instance: Any, attribute: attrs.Attribute[Any], value: floa
 
 @attrs.frozen
 class ChurnConfig:
-    """The knobs of the background churn. The defaults were calibrated (before the allocator had
-    per-cpu lists and migratetypes) so that 1,000,000 steps age a 16 GiB guest to DESIGN.md's
-    "heavy churn" state; what they give now is in the module docstring.
+    """The knobs of the background churn. The defaults age a 16 GiB guest in 1,000,000 steps to
+    DESIGN.md's "heavy churn" state (the module docstring says what they give).
 
     Order weights are relative weights for orders 0, 1, 2, ... (missing orders weigh 0).
 
@@ -158,6 +161,19 @@ class ChurnConfig:
     - ``long_unmovable`` (0.5), ``long_reclaimable`` (0.2): the shares of long-lived allocations
       that are unmovable (slab, page tables) and reclaimable (dentry and inode slabs); the rest
       is anonymous memory of long-running processes (movable).
+    - ``kernel_burst_blocks_per_gib`` (1,750) and ``kernel_burst_max_blocks`` (28,000): the
+      blocks of each episode's kernel-memory burst: 1,750 per GiB of RAM up to 28,000 (16 GiB,
+      about 105 MiB allocated, half of it kept; the real module's heavy churn was 100,000
+      blocks on a 4 GiB guest, once). A fit, at both ends: a fixed 28,000 on a 2-4 GiB guest
+      claims nearly every free pageblock (4 GiB, 1 M steps: 22 MiB left in order-9/10 blocks,
+      no room for a pool), and 1,750 per GiB without the cap does the same at 64 GiB (2,542
+      regions, 16 MiB of order-9/10 blocks); with it, 64 GiB keeps 938 MiB of them and the
+      buffer lands in 13 regions — the same workload fragments a larger guest less.
+      Calibrated so that a 16 MiB vmalloc buffer on the default aged 16 GiB guest lands in
+      DESIGN.md's heavy-churn band; at 1 M steps, seed 1: 25,000 blocks gave 14-367 across
+      readings (the bursts then fit in DMA32's free pageblocks most of the time), 28,000
+      gives 359 (seeds 1-5: 343-389), 30,000 gave 467, 35,000 gave 571, 100,000 about 1,400.
+      0 turns the bursts off.
     """
 
     occupancy: float = attrs.field(default=0.75, validator=_check_fraction)
@@ -181,6 +197,8 @@ class ChurnConfig:
     short_unmovable: float = attrs.field(default=0.5, validator=_check_fraction)
     long_unmovable: float = attrs.field(default=0.5, validator=_check_fraction)
     long_reclaimable: float = attrs.field(default=0.2, validator=_check_fraction)
+    kernel_burst_blocks_per_gib: int = 1_750
+    kernel_burst_max_blocks: int = 28_000
 
     def __attrs_post_init__(self) -> None:
         if self.long_unmovable + self.long_reclaimable > 1.0:
@@ -190,6 +208,11 @@ class ChurnConfig:
             )
         if self.pressure_interval < 0:
             raise ValueError(f"pressure_interval must be >= 0, not {self.pressure_interval}")
+        if self.kernel_burst_blocks_per_gib < 0 or self.kernel_burst_max_blocks < 0:
+            raise ValueError(
+                "kernel_burst_blocks_per_gib and kernel_burst_max_blocks must be >= 0, not "
+                f"{self.kernel_burst_blocks_per_gib} and {self.kernel_burst_max_blocks}"
+            )
         if self.free_batch < 1:
             raise ValueError(f"free_batch must be >= 1, not {self.free_batch}")
         if self.occupancy <= 0:
@@ -222,6 +245,10 @@ class Churn:
         self._short_cum = list(accumulate(config.short_orders))
         self._long_cum = list(accumulate(config.long_orders))
         self._pagecache_cum = list(accumulate(config.pagecache_orders))
+        self._kernel_blocks = min(
+            config.kernel_burst_blocks_per_gib * ram // (GiB >> PAGE_SHIFT),
+            config.kernel_burst_max_blocks,
+        )
         self._cpu = 0  # the vCPU of the current step (round robin over the allocator's CPUs)
 
     # ------------------------------------------------------------------ public
@@ -307,14 +334,17 @@ class Churn:
         other._short_cum = self._short_cum
         other._long_cum = self._long_cum
         other._pagecache_cum = self._pagecache_cum
+        other._kernel_blocks = self._kernel_blocks
         other._cpu = self._cpu
         return other
 
     # ------------------------------------------------------------------ internals
 
     def _pressure_episode(self) -> None:
-        """Page cache grows to the pressure peak (stopping early if memory runs out), then reclaim
-        evicts random short-lived allocations down to the occupancy target."""
+        """A kernel-memory burst (:meth:`_kernel_burst`), then page cache grows to the pressure
+        peak (stopping early if memory runs out), then reclaim evicts random short-lived
+        allocations down to the occupancy target."""
+        self._kernel_burst()
         peak = self._peak
         while self._short_pages + self._long_pages < peak:
             if not self._allocate(self._pagecache_cum, 0.0, False):
@@ -322,6 +352,37 @@ class Churn:
         while self._short_pages + self._long_pages > self._target:
             if not self._free_one(True):
                 break
+
+    def _kernel_burst(self) -> None:
+        """The real-kernel test module's pattern (pool.guest.modulechurn), as kernel memory grows
+        when a workload starts (slab, driver and network buffers): ``kernel_burst_blocks`` blocks
+        of ``alloc_pages(GFP_KERNEL, order)``, order uniform in 0..3, unmovable; then, in
+        allocation order, each is freed on a coin flip and kept otherwise. The kept half joins
+        the long-lived allocations (retired at random once they exceed ``long_share``). Stops
+        early, keeping what it has, when no block of the drawn order is left."""
+        count = self._kernel_blocks
+        if not count:
+            return
+        bits = self._rng.getrandbits
+        alloc = self.allocator.alloc
+        free = self.allocator.free
+        zonelist = self.config.zonelist
+        cpu = self._cpu
+        blocks: list[tuple[int, int]] = []
+        for _ in range(count):
+            order = bits(2)
+            pfn = alloc(order, zonelist, MIGRATE_UNMOVABLE, cpu)
+            if pfn is None:
+                break
+            blocks.append((pfn, order))
+        self.allocations_made += len(blocks)
+        for pfn, order in blocks:
+            if bits(1):
+                free(pfn, order, cpu)
+                self.frees_made += 1
+            else:
+                self._long.append(pfn << _SHIFT | order)
+                self._long_pages += 1 << order
 
     def _allocate(self, short_cum: list[float], long_fraction: float, reclaim: bool) -> bool:
         """One allocation: long-lived with probability ``long_fraction``, order from the matching
