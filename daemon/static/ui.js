@@ -9,7 +9,10 @@
   const $ = (id) => document.getElementById(id);
   const SVG = "http://www.w3.org/2000/svg";
   const COLS = 128; // 128 x 2 MiB = 256 MiB per row, 4 rows per GiB
-  const REFRESH = Number(document.body.dataset.refreshMs) || 3000;
+  // ?refresh=MS (at least 500) overrides the page's interval: tests and slow links
+  const asked = Number(new URLSearchParams(window.location.search).get("refresh"));
+  const REFRESH = asked >= 500 ? asked : Number(document.body.dataset.refreshMs) || 3000;
+  document.body.dataset.refreshMs = REFRESH;
   let palette = null;
   let cells = [];
   let codes = null;
@@ -180,14 +183,18 @@
     const W = 420, H = 150, L = 46, B = 16, T = 14;
     const h = s.history;
     const now = s.time;
-    const x = (t) => L + (W - L - 4) * Math.max(0, 1 - (now - t) / 600);
+    // the last 10 minutes, or less while the daemon is younger (at least one minute)
+    const span = Math.min(600, Math.max(60, now - (h.t.length ? h.t[0] : now)));
+    const x = (t) => L + (W - L - 4) * Math.max(0, 1 - (now - t) / span);
     const top = Math.max(1, ...h.size_bytes, ...h.used_bytes);
     const y = (v) => T + (H - T - B) * (1 - v / top);
     el("line", { x1: L, y1: y(0), x2: W - 4, y2: y(0), class: "axis" }, svg);
     el("text", { x: 2, y: y(top) + 3 }, svg).textContent = fmtBytes(top);
     el("text", { x: 2, y: y(0) }, svg).textContent = "0";
-    for (const m of [10, 5, 0]) {
-      el("text", { x: x(now - m * 60) - 10, y: H - 3 }, svg).textContent = m ? `−${m} min` : "now";
+    for (const f of [1, 0.5, 0]) {
+      const ago = span * f;
+      const label = ago === 0 ? "now" : ago >= 120 ? `−${Math.round(ago / 60)} min` : `−${Math.round(ago)} s`;
+      el("text", { x: x(now - ago) - (f === 0 ? 18 : 10), y: H - 3 }, svg).textContent = label;
     }
     const series = [["size_bytes", "#1d3557", "size"], ["used_bytes", "#e76f51", "used"], ["free_bytes", "#52b788", "free"]];
     series.forEach(([key, colour, label], k) => {
@@ -271,7 +278,7 @@
         el("text", { x: L + (i + 1) * bw - 10, y: H - 10 }, svg).textContent = fmtSeconds(b);
       }
     });
-    el("text", { x: W - 60, y: H - 1 }, svg).textContent = "bucket upper bound";
+    el("text", { x: W - 4, y: H - 1, "text-anchor": "end" }, svg).textContent = "bucket upper bound";
   }
 
   function drawSummary(s) {
