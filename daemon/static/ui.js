@@ -9,10 +9,11 @@
   const $ = (id) => document.getElementById(id);
   const SVG = "http://www.w3.org/2000/svg";
   const COLS = 128; // 128 x 2 MiB = 256 MiB per row, 4 rows per GiB
-  // ?refresh=MS (at least 500) overrides the page's interval: tests and slow links
+  // The refresh interval is the daemon's (refresh_seconds in /v1/ui/summary, daemon/ui.py);
+  // ?refresh=MS (at least 500) overrides it: tests and slow links
   const asked = Number(new URLSearchParams(window.location.search).get("refresh"));
-  const REFRESH = asked >= 500 ? asked : Number(document.body.dataset.refreshMs) || 3000;
-  document.body.dataset.refreshMs = REFRESH;
+  let refreshMs = asked >= 500 ? asked : 0;
+  const RETRY_MS = 1000; // after a failed refresh (the daemon restarting, not ready)
   let palette = null;
   let cells = [];
   let codes = null;
@@ -313,6 +314,8 @@
       const [doc, summary] = await Promise.all([getJSON("/v1/memory-map"), getJSON("/v1/ui/summary")]);
       drawMap(doc);
       drawSummary(summary);
+      if (!(asked >= 500)) refreshMs = summary.refresh_seconds * 1000;
+      document.body.dataset.refreshMs = refreshMs;
       const n = Number(document.body.dataset.refreshes) + 1;
       document.body.dataset.refreshes = n;
       $("status").textContent = "updated " + new Date().toLocaleTimeString();
@@ -321,7 +324,7 @@
       $("status").textContent = String(err.message || err);
       $("status").classList.add("err");
     }
-    setTimeout(refresh, REFRESH);
+    setTimeout(refresh, refreshMs || RETRY_MS);
   }
 
   async function start() {
