@@ -33,6 +33,7 @@ from daemon.engine import (
 )
 from daemon.problems import Problem
 from daemon.views import PoolView
+from pool.memmap import ENCODINGS
 from pool.strategy import AllocationError, DoubleFree, NotOwner, StrategyError, UnknownBuffer
 
 routes = web.RouteTableDef()
@@ -407,6 +408,20 @@ def pool_json(view: PoolView) -> dict[str, Any]:
         },
         "daemon": attrs.asdict(view.daemon),
     }
+
+
+@routes.get("/v1/memory-map")
+async def memory_map(request: web.Request) -> web.Response:
+    """The guest's memory map (read-only; also on the metrics-only listener)."""
+    encoding = request.query.get("encoding", "base64")
+    if encoding not in ENCODINGS:
+        raise Problem(
+            "invalid-field",
+            f"encoding must be one of {', '.join(ENCODINGS)}: {_short(encoding, 40)!r}",
+            field="encoding",
+        )
+    body = service_of(request).memory_map_json(encoding)
+    return web.Response(body=body, content_type="application/json")
 
 
 @routes.post("/v1/pool/grow")

@@ -13,7 +13,7 @@ from importlib import resources
 from aiohttp import web
 
 from daemon import keys, systemd
-from daemon.api import healthz, problem_for, readyz, routes
+from daemon.api import healthz, memory_map, problem_for, readyz, routes
 from daemon.config import Config
 from daemon.connections import (
     METRICS_LIMIT,
@@ -26,6 +26,7 @@ from daemon.connections import (
 from daemon.engine import OpenCancelled, RestoreError, Service, StateMismatch
 from daemon.metrics import Metrics
 from daemon.problems import Problem
+from daemon.ui import UI_HISTORY, UiHistory, add_ui_routes, history_ctx
 from pool import __version__
 
 log = logging.getLogger("sharedpoold")
@@ -227,16 +228,20 @@ def create_app(
     app.cleanup_ctx.append(_service_ctx)
     app.cleanup_ctx.append(_background_ctx)
     app.cleanup_ctx.append(_sweeper_ctx)
+    app[UI_HISTORY] = UiHistory(service)
+    app.cleanup_ctx.append(history_ctx)
     app.add_routes(routes)
     app.router.add_get("/metrics", app[keys.METRICS].exposition.handler)
+    add_ui_routes(app)
     return app
 
 
 def create_metrics_app(main: web.Application) -> web.Application:
     """The metrics-only listener's application: GET /metrics, /healthz and /readyz of the
-    daemon `main` (same service, same registry) and nothing else — every other path is a
-    404 problem. This is what the shipped units and manifests expose over TCP; the API
-    stays on the Unix socket. It owns no background task: `main` does."""
+    daemon `main` (same service, same registry), and the read-only page (daemon.ui: `/`,
+    `/ui`, its files, /v1/ui/summary, /v1/memory-map, none naming a client), and nothing
+    else — every other path is a 404 problem. This is what the shipped units and manifests
+    expose over TCP; the API stays on the Unix socket. It owns no background task: `main` does."""
     app = web.Application(client_max_size=1024, middlewares=[_guard_middleware, problem_middleware])
     app[keys.CONFIG] = main[keys.CONFIG]
     app[keys.SERVICE] = main[keys.SERVICE]
@@ -249,4 +254,7 @@ def create_metrics_app(main: web.Application) -> web.Application:
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", main[keys.METRICS].exposition.handler)
+    app[UI_HISTORY] = main[UI_HISTORY]
+    app.router.add_get("/v1/memory-map", memory_map)
+    add_ui_routes(app)
     return app

@@ -15,6 +15,7 @@ journal's ordering and durability, readiness, the fatal path).
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import secrets
@@ -57,7 +58,7 @@ from daemon.state import (
     differences,
     restore,
 )
-from daemon.views import PoolView, pool_view
+from daemon.views import PoolView, memory_map_key, memory_map_view, pool_view
 from pool.guest import Guest
 from pool.strategy import AllocationError, Buffer, FreeResult, NotOwner, Strategy, StrategyError
 
@@ -140,6 +141,8 @@ class Service:
         # aging steps and journal records and stops with OpenCancelled
         self.cancel_open = threading.Event()
         self.progress_log: Callable[[str, int, int], None] | None = None
+        # GET /v1/memory-map's last answer per encoding, valid while its key holds
+        self._map_cache: tuple[tuple[int, ...], dict[str, bytes]] = ((), {})
 
     # ---- the state, for readers (metrics, tests) ------------------------------------------
 
@@ -508,6 +511,20 @@ class Service:
     def pool_view(self) -> PoolView:
         state, journal = self._require_ready()
         return pool_view(state, journal.last_seq, self.snapshot_seq)
+
+    def memory_map_json(self, encoding: str) -> bytes:
+        """GET /v1/memory-map's body (pool.memmap's JSON form). Computed on the event loop
+        (a few ms at 64 GiB: bench/bench_memmap.py) and kept until the state changes, so
+        a page refreshing every few seconds costs one computation per change, not per
+        request."""
+        state, journal = self._require_ready()
+        key = memory_map_key(state, journal.last_seq)
+        if self._map_cache[0] != key:
+            self._map_cache = (key, {})
+        cached = self._map_cache[1]
+        if encoding not in cached:
+            cached[encoding] = json.dumps(memory_map_view(state).encode(encoding)).encode()
+        return cached[encoding]
 
 
 def remove_state(state_dir: Path) -> None:

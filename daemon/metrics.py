@@ -291,6 +291,11 @@ class LightHistogram(FamilyCollector):
         counts[bisect.bisect_left(self.bounds, amount)] += 1
         total[0] += amount
 
+    def buckets(self) -> dict[str, list[int]]:
+        """Per label value, the count in each bucket (not cumulative; the last is +Inf):
+        the page's latency charts (daemon.ui)."""
+        return {value: list(counts) for value, (counts, _) in self._series.items()}
+
     def families(self) -> list[Family]:
         samples: list[tuple[str, Labels, float]] = []
         b, c, s = self.name + "_bucket", self.name + "_count", self.name + "_sum"

@@ -7,6 +7,7 @@ import attrs
 
 from daemon.state import DaemonState
 from pool.guest.machine import GuestReport
+from pool.memmap import MemoryMap, memory_map
 from pool.strategy import StrategyStats
 
 
@@ -45,4 +46,22 @@ def pool_view(state: DaemonState, journal_seq: int, snapshot_seq: int) -> PoolVi
             journal_seq=journal_seq,
             snapshot_seq=snapshot_seq,
         ),
+    )
+
+
+def memory_map_view(state: DaemonState) -> MemoryMap:
+    """GET /v1/memory-map: the guest's 2 MiB regions with the strategy's chunks on them
+    (pool.memmap). Aggregate only: no client, owner or buffer appears in it."""
+    return memory_map(state.guest, state.strategy, state.strategy.name)
+
+
+def memory_map_key(state: DaemonState, journal_seq: int) -> tuple[int, ...]:
+    """What the map depends on, cheaply: every change to the state is a journal record; a
+    refused allocation that grew the pool first changes the guest's counters."""
+    guest = state.guest
+    return (
+        journal_seq,
+        guest.stats.pages_converted,
+        guest.stats.pages_zeroed,
+        guest.allocator.free_pages(),
     )

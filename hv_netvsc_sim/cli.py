@@ -3,7 +3,7 @@
   hv-netvsc-sim run [--strategy NAME] [--nics N] [--cycles M] [--seed S] [--json]
                     [--daemon URL] [--pace SECONDS] [guest and scenario options]
   hv-netvsc-sim compare [--guest-memory 16GiB] [--cycles N] [--seed S] [--age-steps N]
-                        [--platform tdx|snp|none] [--json] [--plot FILE.png]
+                        [--platform tdx|snp|none] [--json] [--plot FILE.png] [--map DIR]
 
 Exit status: 0 on success, 1 when the run could not be done (the daemon unreachable),
 2 on bad input (argparse's usage message, never a traceback), 130 when interrupted.
@@ -31,6 +31,7 @@ from hv_netvsc_sim.compare import (
 )
 from hv_netvsc_sim.host import HyperVHost
 from hv_netvsc_sim.inprocess import run_in_process
+from hv_netvsc_sim.maps import check_map_dir, write_maps
 from hv_netvsc_sim.report import (
     ProgressReporter,
     compare_table,
@@ -205,6 +206,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     cmp.add_argument("--json", action="store_true", help="print the compare JSON on stdout")
     cmp.add_argument("--plot", metavar="FILE.png", help="write the plot (matplotlib) to FILE")
+    cmp.add_argument(
+        "--map",
+        metavar="DIR",
+        help="write each strategy's memory map at the end of the run into DIR "
+        "(map-<strategy>.png, and maps.png side by side; the daemon page's colours)",
+    )
     cmp.add_argument("--quiet", action="store_true", help="no progress output")
     cmp.add_argument(
         "--jobs",
@@ -239,6 +246,11 @@ def _compare(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         parser.error("--plot needs a file name")
     if args.jobs < 0:
         parser.error("--jobs must be >= 0 (0: one per CPU)")
+    if args.map is not None:
+        try:
+            check_map_dir(args.map)
+        except ValueError as exc:
+            parser.error(str(exc))
     jobs = args.jobs or default_jobs(len(config.strategies))
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
@@ -253,6 +265,10 @@ def _compare(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         plot_compare(doc, args.plot)
         if not args.quiet:
             print(f"plot written to {args.plot}", file=sys.stderr)
+    if args.map:
+        written = write_maps(doc, args.map)
+        if not args.quiet:
+            print(f"maps written to {', '.join(map(str, written))}", file=sys.stderr)
     if not args.quiet:
         each = ", ".join(f"{k} {v:.1f}s" for k, v in timings.items() if "/" not in k)
         print(f"compare took {time.perf_counter() - t0:.1f} s ({each})", file=sys.stderr)

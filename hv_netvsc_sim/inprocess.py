@@ -39,6 +39,7 @@ from hv_netvsc_sim.host import HyperVHost
 from hv_netvsc_sim.scenario import Scenario, ScenarioConfig
 from pool.guest import PAGE_SHARED, Counts, Guest
 from pool.guest.units import PAGE_SIZE, PAGES_PER_1G, PAGES_PER_2M
+from pool.memmap import memory_map
 from pool.provision import Guests, provision
 from pool.registry import PoolSettings
 from pool.strategy import Strategy, StrategyError, StrategyStats
@@ -212,5 +213,6 @@ async def run_in_process(
     }
     summary = scenario.summary()
     result["buffer_checks"] = buffer_checks(strategy)  # after every figure above is taken
+    result["memory_map"] = memory_map(guest, strategy, name).encode()  # compare --map
     model = made.setup_seconds + sum(cs.latencies) + cs.free_seconds + scenario.model_seconds
     return InProcessRun(result, summary, sst, scenario.cycles_done, run_seconds, model)

@@ -40,10 +40,12 @@ from pool.ownership import (
 )
 from pool.strategy import (
     Buffer,
+    ChunkPages,
     FreeResult,
     PfnRange,
     StrategyStats,
     round_pages,
+    runs_of_flags,
     size_limit,
 )
 
@@ -265,6 +267,14 @@ class AtomicPool:
             failure_reasons=led.failure_reasons,
             frees=led.frees,
         )
+
+    def chunk_pages(self) -> list[ChunkPages]:
+        """The gen_pool chunks' pages by their bitmaps, and the blocks whose decryption
+        failed as leaked (ChunkHolder)."""
+        out = [ChunkPages(pfn, 1 << order, "leaked") for pfn, order in self.leaked_blocks]
+        for c in self.chunks:
+            out += runs_of_flags(c.start_pfn, np.frombuffer(bytes(c.bits), np.uint8) != 0)
+        return sorted(out, key=lambda r: r.start)
 
     def check_invariants(self) -> None:
         """No PFN in two live buffers; every buffer inside one chunk, order aligned in it,

@@ -45,6 +45,7 @@ from pool.guest.units import MAX_PAGE_ORDER, PAGE_SIZE, PAGES_PER_1G, MiB
 from pool.ownership import Ledger
 from pool.strategy import (
     Buffer,
+    ChunkPages,
     FreeResult,
     PfnRange,
     StrategyStats,
@@ -532,6 +533,25 @@ class SharedPool:
             failure_reasons=led.failure_reasons,
             frees=led.frees,
         )
+
+    def chunk_pages(self) -> list[ChunkPages]:
+        """Every chunk's pages as free / used / leaked runs (ChunkHolder): a chunk's free
+        extents are free, the gaps between them are in live buffers."""
+        out: list[ChunkPages] = []
+        for pfn in sorted(self.chunks):
+            c = self.chunks[pfn]
+            if c.leaked:
+                out.append(ChunkPages(pfn, c.npages, "leaked", c.boot))
+                continue
+            at = 0
+            for off, n in c.extents:
+                if off > at:
+                    out.append(ChunkPages(pfn + at, off - at, "used", c.boot))
+                out.append(ChunkPages(pfn + off, n, "free", c.boot))
+                at = off + n
+            if at < c.npages:
+                out.append(ChunkPages(pfn + at, c.npages - at, "used", c.boot))
+        return out
 
     def check_invariants(self) -> None:
         """No PFN in two live buffers; every live buffer's pages shared and mapped shared by its

@@ -18,6 +18,7 @@ Life cycle of a strategy object, as `compare` drives it:
 from __future__ import annotations
 
 import functools
+import itertools
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
@@ -192,6 +193,46 @@ class Strategy(Protocol):
         a page, its size limits, ...): callers above the pool (the daemon) add only what they
         alone know (owners, leases), never a second copy of these rules."""
         ...
+
+
+CHUNK_PAGE_STATES = ("free", "used", "leaked")
+
+
+@attrs.frozen
+class ChunkPages:
+    """A run of a strategy's pre-decrypted pages, by what they hold now: free (decrypted,
+    ready to hand out), used (in a live buffer) or leaked (their state is unknown after a
+    failed re-encryption; never reused). `boot`: taken by a boot-time reservation (the
+    pool's 1 GiB boot region, swiotlb's bounce buffer) rather than by growth. The memory map
+    (pool.memmap) is drawn from these runs."""
+
+    start: int
+    npages: int
+    state: str
+    boot: bool = False
+
+
+@runtime_checkable
+class ChunkHolder(Protocol):
+    """A strategy whose shared memory lives in chunks it keeps (the pool, the atomic pool,
+    swiotlb). A strategy that is not one (the vmalloc strategies: every buffer comes from the
+    page allocator and goes back to it) has no chunk pages: pool.memmap.chunk_pages_of."""
+
+    def chunk_pages(self) -> list[ChunkPages]:
+        """Its chunks' pages as runs, ascending and disjoint."""
+        ...
+
+
+def runs_of_flags(start: int, used: npt.NDArray[np.bool_], boot: bool = False) -> list[ChunkPages]:
+    """ChunkPages runs of a block of pages from a per-page used flag (free where False)."""
+    if not len(used):
+        return []
+    edges = np.flatnonzero(np.diff(used.astype(np.int8))) + 1
+    bounds = [0, *edges.tolist(), len(used)]
+    return [
+        ChunkPages(start + a, b - a, "used" if used[a] else "free", boot)
+        for a, b in itertools.pairwise(bounds)
+    ]
 
 
 @runtime_checkable

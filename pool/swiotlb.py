@@ -44,9 +44,11 @@ from pool.ownership import (
 )
 from pool.strategy import (
     Buffer,
+    ChunkPages,
     FreeResult,
     PfnRange,
     StrategyStats,
+    runs_of_flags,
     size_limit,
 )
 
@@ -327,6 +329,22 @@ class Swiotlb:
             failure_reasons=led.failure_reasons,
             frees=led.frees,
         )
+
+    def chunk_pages(self) -> list[ChunkPages]:
+        """The bounce buffer, a boot reservation, as one chunk (ChunkHolder): a page is used
+        when any of its 2 KiB slots is; all leaked if its decryption failed at boot."""
+        npages = self.nslabs // SLOTS_PER_PAGE
+        if not npages:
+            return []
+        if not self.usable:
+            return (
+                [ChunkPages(self.start_pfn, npages, "leaked", boot=True)]
+                if self.leaked_pages
+                else []
+            )
+        per_page = self._bitmap().reshape(npages, SLOTS_PER_PAGE)
+        used: npt.NDArray[np.bool_] = np.asarray(per_page.max(axis=1) > 0, dtype=np.bool_)
+        return runs_of_flags(self.start_pfn, used, boot=True)
 
     def check_invariants(self) -> None:
         """Slots: no slot in two live buffers, the bitmap is exactly the union of the live

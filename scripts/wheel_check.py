@@ -165,6 +165,17 @@ def check(wheel: Path, python: str, content_check: bool) -> None:
             with urllib.request.urlopen(url + "/metrics", timeout=5) as answer:
                 if b"sharedpool_allocations_total" not in answer.read():
                     raise Failed("/metrics lacks sharedpool_allocations_total")
+            step("the page and its files from the installed package (daemon/static, palette)")
+            for path, marker in (
+                ("/", b'<div id="map"'),
+                ("/ui/ui.js", b"/v1/memory-map"),
+                ("/ui/ui.css", b"#map"),
+                ("/ui/palette.json", b'"colours"'),
+                ("/v1/memory-map", b'"region_bytes"'),
+            ):
+                with urllib.request.urlopen(url + path, timeout=5) as answer:
+                    if marker not in answer.read():
+                        raise Failed(f"{path} from the wheel lacks {marker!r}")
             step("sharedpoold stops on SIGTERM with exit 0")
             proc.send_signal(signal.SIGTERM)
             if proc.wait(timeout=30) != 0:

@@ -167,6 +167,22 @@ def _concrete(path: str) -> str:
     return re.sub(r"\{[^}]+\}", "1", path)
 
 
+# What the metrics-only listener serves: the metrics and probes, and the read-only page
+# (daemon.ui) with the two JSON documents it draws, which name no client.
+SERVED_ON_METRICS = {
+    "/metrics",
+    "/healthz",
+    "/readyz",
+    "/",
+    "/ui",
+    "/ui/ui.js",
+    "/ui/ui.css",
+    "/ui/palette.json",
+    "/v1/memory-map",
+    "/v1/ui/summary",
+}
+
+
 async def test_metrics_only_listener_serves_nothing_else(tmp_path: Path) -> None:
     d = Daemon(tmp_path, "--metrics-listen", "tcp:127.0.0.1:0", tcp=False)
     try:
@@ -179,11 +195,17 @@ async def test_metrics_only_listener_serves_nothing_else(tmp_path: Path) -> None
             assert family in body
         assert _get(url + "/healthz")[0] == 200
         assert _get(url + "/readyz")[0] == 200
+        for path in SERVED_ON_METRICS:
+            status, body = _get(url + path)
+            assert status == 200 and body, path
+        status, body = _get(url + "/v1/memory-map")
+        memory_map = json.loads(body)
+        assert memory_map["regions"] == 256 and memory_map["strategy"] == "pool"  # 512 MiB
         doc = load_openapi()
         seen = 0
         async with aiohttp.ClientSession() as http:
             for path, ops in doc["paths"].items():
-                if path in ("/metrics", "/healthz", "/readyz"):
+                if path in SERVED_ON_METRICS:
                     continue
                 for method in ops:
                     if method not in ("get", "post", "delete", "put", "patch"):

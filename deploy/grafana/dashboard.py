@@ -156,8 +156,11 @@ class Builder:
         minimum: float | None = 0,
         maximum: float | None = None,
         right_axis: dict[str, str] | None = None,
+        repeat: str | None = None,
     ) -> None:
-        """right_axis: refId -> unit of a query drawn against a second, right-hand axis."""
+        """right_axis: refId -> unit of a query drawn against a second, right-hand axis.
+        repeat: a multi-value variable; Grafana draws one copy of the panel per selected
+        value, side by side (at most 3 per row), each with $<repeat> set to its value."""
         panel = (
             ts_b.Panel()
             .id(self._id())
@@ -181,6 +184,8 @@ class Builder:
             panel = panel.stacking(common_b.StackingConfig().mode(common_m.StackingMode.NORMAL))
         if bars:
             panel = panel.draw_style(common_m.GraphDrawStyle.BARS)
+        if repeat is not None:
+            panel = panel.repeat(repeat).repeat_direction("h").max_per_row(3)
         for ref_id, right_unit in (right_axis or {}).items():
             panel = panel.override_by_query(
                 ref_id,
@@ -269,6 +274,63 @@ class Builder:
 
 def build() -> dash_m.Dashboard:
     b = Builder()
+
+    # Safety first: what must be 0 in a real guest, before anything about capacity.
+    b.row("Safety")
+    b.stat(
+        "Fatal hazard pages",
+        "Shared pages with a private mapping (a private direct-map or vmalloc alias). "
+        "Must be 0: any access to one, even load_unaligned_zeropad() reading past the end "
+        "of the previous page, is an unrecoverable fault on TDX (alert "
+        "SharedpoolHazardPages). See the daemon's page (/ on the metrics listener) for "
+        "where they are.",
+        "short",
+        [
+            (
+                f'sum(sharedpool_hazard_pages{{{SEL}, kind="private_alias_to_shared"}})',
+                "private alias to shared",
+            )
+        ],
+        [(None, "green"), (1, "red")],
+        width=6,
+    )
+    b.stat(
+        "Recoverable hazard pages",
+        "Private pages with a shared mapping: an access raises a recoverable fault. Should be 0.",
+        "short",
+        [
+            (
+                f'sum(sharedpool_hazard_pages{{{SEL}, kind="shared_alias_to_private"}})',
+                "shared alias to private",
+            )
+        ],
+        [(None, "green"), (1, "orange")],
+        width=6,
+    )
+    b.stat(
+        "Pages of unknown state",
+        "Pages whose conversion failed: their state is unknown, so they are leaked and "
+        "never mapped again (CVE-2024-36911). Not a mapping hazard; their bytes are in "
+        "Leaked bytes.",
+        "short",
+        [
+            (
+                f'sum(sharedpool_hazard_pages{{{SEL}, kind="unknown_state"}})',
+                "unknown state",
+            )
+        ],
+        [(None, "green"), (1, "orange")],
+        width=6,
+    )
+    b.stat(
+        "Leaked bytes",
+        "Memory leaked on purpose because a conversion failed (lost until reboot; "
+        "alert SharedpoolLeakedBytes).",
+        "bytes",
+        [(f"sum(sharedpool_leaked_bytes{{{SEL}}})", "leaked")],
+        [(None, "green"), (1, "orange")],
+        width=6,
+    )
 
     b.row("Pool")
     b.timeseries(
@@ -480,33 +542,38 @@ def build() -> dash_m.Dashboard:
 
     b.row("Page allocator")
     b.timeseries(
-        "Fragmentation index by order",
-        "Kernel extfrag fragmentation index per zone and requested order (divided by "
+        "Fragmentation index by order, zone $zone",
+        "Kernel extfrag fragmentation index of one zone per requested order (divided by "
         "1000): -1 means a suitable block is free; towards 1 a failure would be due to "
-        "fragmentation, towards 0 due to lack of memory. The worst of the selected "
-        "daemons.",
+        "fragmentation, towards 0 due to lack of memory. One panel per zone (11 orders "
+        "each, not 33 series on one graph). The worst of the selected daemons.",
         "none",
         [
             (
-                f"max by (zone, order) (sharedpool_fragmentation_index{{{ZONE_SEL}}})",
-                "{{zone}} order {{order}}",
+                "max by (order) (sharedpool_fragmentation_index{" + SEL + ', zone=~"$zone"})',
+                "order {{order}}",
             )
         ],
+        width=24,  # Grafana divides the row between the zones' copies (maxPerRow 3)
         minimum=-1,
         maximum=1,
+        repeat="zone",
     )
     b.timeseries(
-        "Unusable free index by order",
-        "Fraction of a zone's free memory unusable for an allocation of this order "
-        "(kernel unusable_index / 1000). The worst of the selected daemons.",
+        "Unusable free index by order, zone $zone",
+        "Fraction of one zone's free memory unusable for an allocation of this order "
+        "(kernel unusable_index / 1000), one panel per zone. The worst of the selected "
+        "daemons.",
         "percentunit",
         [
             (
-                f"max by (zone, order) (sharedpool_unusable_free_index{{{ZONE_SEL}}})",
-                "{{zone}} order {{order}}",
+                "max by (order) (sharedpool_unusable_free_index{" + SEL + ', zone=~"$zone"})',
+                "order {{order}}",
             )
         ],
+        width=24,
         maximum=1,
+        repeat="zone",
     )
     b.timeseries(
         "Buddy free blocks by order",
@@ -520,45 +587,6 @@ def build() -> dash_m.Dashboard:
             )
         ],
         width=24,
-    )
-
-    b.row("Safety")
-    b.stat(
-        "Hazard pages",
-        "Pages with a mapping that disagrees with the page's state. Must be 0: a private "
-        "alias to a shared page is fatal in a real guest (alert SharedpoolHazardPages).",
-        "short",
-        [
-            (
-                f'sum by (kind) (sharedpool_hazard_pages{{{SEL}, kind!="unknown_state"}})',
-                "{{kind}}",
-            )
-        ],
-        [(None, "green"), (1, "red")],
-        width=8,
-    )
-    b.stat(
-        "Pages of unknown state",
-        "Pages whose conversion failed: their state is unknown, so they are leaked and "
-        "never mapped again. Not a mapping hazard; their bytes are in Leaked bytes.",
-        "short",
-        [
-            (
-                f'sum(sharedpool_hazard_pages{{{SEL}, kind="unknown_state"}})',
-                "unknown state",
-            )
-        ],
-        [(None, "green"), (1, "orange")],
-        width=8,
-    )
-    b.stat(
-        "Leaked bytes",
-        "Memory leaked on purpose because a conversion failed (lost until reboot; "
-        "alert SharedpoolLeakedBytes).",
-        "bytes",
-        [(f"sum(sharedpool_leaked_bytes{{{SEL}}})", "leaked")],
-        [(None, "green"), (1, "orange")],
-        width=8,
     )
 
     b.row("Limits and storage")

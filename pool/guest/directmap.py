@@ -150,6 +150,14 @@ class DirectMap:
             "1G": self.n1g * PAGES_PER_1G * PAGE_SIZE,
         }
 
+    @property
+    def ram_pages_per_2m(self) -> npt.NDArray[np.int64]:
+        """RAM pages in each 2 MiB region (512 where the region is all RAM, 0 in a hole);
+        read-only: the layout never changes after boot."""
+        view: npt.NDArray[np.int64] = self._ram_per_2m.view()
+        view.flags.writeable = False
+        return view
+
     def ram_ranges(self) -> list[tuple[int, int]]:
         """RAM (every mapped page) as sorted, merged [start, end) pfn ranges."""
         ram = np.concatenate(([False], self.ram[: self.end_pfn], [False]))

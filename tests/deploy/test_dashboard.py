@@ -131,3 +131,46 @@ def test_json_round_trips_through_the_sdk_models() -> None:
     raw = DASHBOARD_JSON.read_text(encoding="utf-8")
     decoded = Dashboard.from_json(json.loads(raw))
     assert JSONEncoder(sort_keys=True, indent=2).encode(decoded) + "\n" == raw
+
+
+def test_safety_row_comes_first(dashboard: dict[str, Any]) -> None:
+    """An operator sees what must be 0 before anything about capacity: the first row is
+    Safety, its panels the fatal hazard pages, the recoverable ones, the pages of unknown
+    state and the leaked bytes, each with a red or orange threshold at 1."""
+    panels = dashboard["panels"]
+    assert panels[0]["type"] == "row" and panels[0]["title"] == "Safety"
+    safety = []
+    for p in panels[1:]:
+        if p["type"] == "row":
+            break
+        safety.append(p)
+    assert [p["title"] for p in safety] == [
+        "Fatal hazard pages",
+        "Recoverable hazard pages",
+        "Pages of unknown state",
+        "Leaked bytes",
+    ]
+    assert 'kind="private_alias_to_shared"' in safety[0]["targets"][0]["expr"]
+    assert 'kind="unknown_state"' in safety[2]["targets"][0]["expr"]
+    assert "sharedpool_leaked_bytes" in safety[3]["targets"][0]["expr"]
+    for p in safety:
+        steps = p["fieldConfig"]["defaults"]["thresholds"]["steps"]
+        assert [s["value"] for s in steps] == [None, 1], p["title"]
+        assert steps[1]["color"] in ("red", "orange")
+        assert p["gridPos"]["y"] == safety[0]["gridPos"]["y"]  # one row, on top
+    assert safety[0]["fieldConfig"]["defaults"]["thresholds"]["steps"][1]["color"] == "red"
+
+
+def test_fragmentation_by_order_is_one_panel_per_zone(dashboard: dict[str, Any]) -> None:
+    """Split per zone (Grafana repeats the panel for each value of $zone) instead of
+    3 zones x 11 orders = 33 series on one graph: each copy selects one zone and draws one
+    series per order."""
+    for title in ("Fragmentation index by order", "Unusable free index by order"):
+        (panel,) = [p for p in dashboard["panels"] if p["title"].startswith(title)]
+        assert panel["repeat"] == "zone" and panel["repeatDirection"] == "h"
+        assert "$zone" in panel["title"]
+        (target,) = panel["targets"]
+        assert 'zone=~"$zone"' in target["expr"] and "max by (order)" in target["expr"]
+        assert target["legendFormat"] == "order {{order}}"
+    zone = next(v for v in dashboard["templating"]["list"] if v["name"] == "zone")
+    assert zone["multi"] and zone["includeAll"]
