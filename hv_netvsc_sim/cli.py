@@ -40,6 +40,7 @@ from hv_netvsc_sim.report import (
     summary_table,
 )
 from hv_netvsc_sim.scenario import Scenario, ScenarioConfig
+from hv_netvsc_sim.sweep import add_sweep_command
 from pool import __version__
 from pool.guest import GuestConfig
 from pool.guest.options import add_guest_arguments, check_guest_args
@@ -222,6 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
         "the same for any N, wall-clock latencies aside",
     )
     cmp.set_defaults(func=_compare, parser=cmp)
+    add_sweep_command(sub)  # `sweep` (issue 19): hv_netvsc_sim/sweep.py owns its options
     return parser
 
 
