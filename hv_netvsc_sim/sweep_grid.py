@@ -333,6 +333,25 @@ def _axis_values(name: str, raw: Any) -> list[Any]:
     return raw
 
 
+def _flatten(table: Mapping[str, Any], ns: Namespace) -> dict[str, Any]:
+    """TOML's dotted keys (`guest.seed = 2`) and sub-tables (`[fixed.pool]`) as dotted names:
+    a table under a section's name (guest, scenario, pool, churn, ...) holds its fields."""
+    sections = {
+        ".".join(f.path[i:j])
+        for f in ns.fields
+        for i in range(len(f.path))
+        for j in range(i + 1, len(f.path))
+    }
+    out: dict[str, Any] = {}
+    for name, raw in table.items():
+        if isinstance(raw, dict) and name in sections:
+            for sub, value in _flatten(raw, ns).items():
+                out[f"{name}.{sub}"] = value
+        else:
+            out[name] = raw
+    return out
+
+
 def parse_grid(doc: Mapping[str, Any], source: str = "<grid>") -> Grid:
     """A Grid from a parsed TOML document; GridError (one line, prefixed by `source`)."""
     try:
@@ -359,6 +378,8 @@ def _parse(doc: Mapping[str, Any], source: str) -> Grid:
     if len(set(metrics)) != len(metrics):
         raise GridError("metrics: a metric is named twice")
     ns = Namespace(config_fields())
+    axes_raw = _flatten(axes_raw, ns)
+    fixed_raw = _flatten(fixed_raw, ns)
     seen: dict[str, str] = {}
     seen_paths: dict[tuple[str, ...], str] = {}
     paths: dict[str, tuple[tuple[str, ...], ...]] = {}
