@@ -196,7 +196,7 @@ def _client(scheduler: str | None, workers: int) -> Iterator[Any]:
             threads_per_worker=1,
             processes=True,
             host="127.0.0.1",
-            dashboard_address=None,
+            dashboard_address="127.0.0.1:0",  # a free port: never clash with another cluster
             silence_logs=logging.ERROR,
         )
     try:
@@ -336,10 +336,10 @@ def add_sweep_command(sub: Any) -> None:
     """Register `sweep` on the hv-netvsc-sim subparsers."""
     p = sub.add_parser(
         "sweep",
-        help="a grid of compare runs (strategies x guests x seeds ...) on Dask, with 95% CIs",
+        help="a grid of compare runs (strategies x guests x seeds ...) on Dask, with 95%% CIs",
         description="Run every cell of a grid (one compare run of one strategy per cell) on "
         "a Dask cluster, keep each result in DIR as it finishes (a killed sweep resumes), "
-        "and summarize each metric per strategy: mean, median and a 95%% t interval over "
+        "and summarize each metric per strategy: mean, median and a 95% t interval over "
         "seeds. Example grids: docs/sweep/.",
     )
     p.add_argument("--grid", required=True, metavar="GRID.toml", help="the grid file (TOML)")

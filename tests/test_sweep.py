@@ -77,7 +77,7 @@ def cluster() -> Any:
             threads_per_worker=1,
             processes=True,
             host="127.0.0.1",
-            dashboard_address=None,
+            dashboard_address="127.0.0.1:0",  # a free port: never clash with another cluster
         )
     yield c
     c.close()
@@ -308,7 +308,9 @@ def test_a_metric_the_documents_lack_is_refused_before_anything_runs(
     with pytest.raises(SystemExit):
         sweep_main(["--grid", str(table), "--out", str(reference), "--quiet"])
     assert "is a table, not a number: pick one of" in capsys.readouterr().err
-    more = _write(tmp_path, "more.toml", TINY.replace("metrics = [", 'metrics = ["setup.hypercalls", '))
+    more = _write(
+        tmp_path, "more.toml", TINY.replace("metrics = [", 'metrics = ["setup.hypercalls", ')
+    )
     plot = tmp_path / "summary.png"
     code = sweep_main(["--grid", str(more), "--out", str(reference), "--plot", str(plot)])
     assert code == 0 and plot.stat().st_size > 10_000
@@ -344,9 +346,7 @@ def test_cells_are_the_product_and_ids_are_spelling_free(
     assert len({c.id for c in cells}) == expected
     # the same cells spelled with dotted paths, in another order, and sizes as text: same ids
     dotted = {("scenario." + k if k != "age_steps" else k): v for k, v in reversed(axes.items())}
-    respelled = parse_grid(
-        {"axes": {"seed": seeds, **dotted, "strategy": ["pool"]}}
-    )
+    respelled = parse_grid({"axes": {"seed": seeds, **dotted, "strategy": ["pool"]}})
     assert {c.id for c in respelled.cells()} == {c.id for c in cells}
 
 
@@ -396,3 +396,14 @@ def test_summary_groups_over_seeds_only() -> None:
 def test_grid_error_is_a_value_error() -> None:
     with pytest.raises(GridError):
         parse_grid({"axes": {"strategy": []}})
+
+
+def test_help_of_the_command_and_of_sweep(capsys: pytest.CaptureFixture[str]) -> None:
+    from hv_netvsc_sim.cli import main as cli_main
+
+    for argv in (["--help"], ["sweep", "--help"]):
+        with pytest.raises(SystemExit) as exc:
+            cli_main(argv)
+        assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert "sweep" in out and "95% t interval" in out and "--scheduler ADDRESS" in out
