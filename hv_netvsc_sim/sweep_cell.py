@@ -124,6 +124,12 @@ def _guests_for(config: CompareConfig) -> Guests:
     return guests
 
 
+def _engine_scenario(config: CompareConfig) -> Any:
+    """The scenario compare runs its strategies on: `run_scenario` where CompareConfig
+    combines its scenario with a time axis, else its `scenario`."""
+    return getattr(config, "run_scenario", config.scenario)
+
+
 def run_cell(cell: Cell) -> CellRecord:
     """Run one cell; never raises for what the cell itself does (see the module)."""
     t0 = time.perf_counter()
@@ -133,7 +139,8 @@ def run_cell(cell: Cell) -> CellRecord:
         config, settings = build_config(cell)
         guests = _guests_for(config)
         aging0 = guests.aging_seconds
-        run = asyncio.run(run_in_process(cell.strategy, guests, config.scenario, settings=settings))
+        scenario = _engine_scenario(config)
+        run = asyncio.run(run_in_process(cell.strategy, guests, scenario, settings=settings))
         aging = guests.aging_seconds - aging0
     except Exception as exc:
         wall = time.perf_counter() - t0

@@ -13,9 +13,11 @@ axis without a change to this module:
 - every field of `pool` (pool.registry.PoolSettings: initial_bytes, grow_step_bytes, ...),
   the settings the strategy is built with.
 
-A name is a field's own (`cycles`) or its dotted path (`scenario.cycles`). A plain name found
-in several top-level sections sets it in each of them: `seed` is the guest's and the
-scenario's seed, which compare requires to be one (CompareConfig). Values are checked
+A name is a field's own (`cycles`) or its dotted path (`scenario.cycles`, or its tail:
+`churn.occupancy`). A plain name means CompareConfig's own field if it has one; else, found
+in several top-level sections, it sets it in each of them: `seed` is the guest's and the
+scenario's seed, which compare requires to be one (CompareConfig). A nested configuration
+with a converter (a preset name it resolves) is one field, not a section. Values are checked
 against the field's annotation (ints, floats, strings, booleans, arrays for tuples and
 sets, `*_bytes` fields also as sizes: "4GiB"); a field with a converter takes what its
 converter takes. Whether a value is *accepted* (a guest of 3 MiB, an unknown platform) is
@@ -125,7 +127,9 @@ def _walk(cls: type, prefix: tuple[str, ...], skip: frozenset[str]) -> Iterator[
         if not f.init or f.name in skip:
             continue
         ann = hints.get(f.name, Any)
-        if isinstance(ann, type) and attrs.has(ann):
+        # a nested configuration is a section, unless a converter takes other values for
+        # it (a preset name): then it is one field, whatever its converter accepts
+        if isinstance(ann, type) and attrs.has(ann) and f.converter is None:
             yield from _walk(ann, (*prefix, f.name), frozenset())
         else:
             yield Field((*prefix, f.name), cls, ann, f.converter is not None)
@@ -157,19 +161,23 @@ class Namespace:
             if not hits:
                 raise GridError(f"unknown field {name!r}{self._suggest(name)}")
             f = hits[0]
-            shallow = self._shallow(f.path[-1])
             # the plain name is the canonical one when it means exactly this field
-            plain = (len(shallow) == 1 and shallow[0] is f) or self._deep(f.path[-1]) == (f,)
+            plain = self._plain(f.path[-1]) == (f,)
             return (f.path[-1] if plain else f.dotted), (f,)
-        shallow = self._shallow(name)
-        if shallow:
-            return name, shallow
         deep = self._deep(name)
-        if len(deep) == 1:
-            return name, deep
-        if deep:
+        if len(deep) > 1 and not self._shallow(name):
             raise GridError(f"{name!r} is ambiguous: say {' or '.join(f.dotted for f in deep)}")
-        raise GridError(f"unknown field {name!r}{self._suggest(name)}")
+        fields = self._plain(name)
+        if not fields:
+            raise GridError(f"unknown field {name!r}{self._suggest(name)}")
+        return name, fields
+
+    def _plain(self, leaf: str) -> tuple[Field, ...]:
+        """What the plain name `leaf` sets: CompareConfig's own field, else the top-level
+        sections' fields of that name, else the one nested field of that name."""
+        shallow = self._shallow(leaf)
+        root = tuple(f for f in shallow if len(f.path) == 1)
+        return root or shallow or self._deep(leaf)
 
     def _shallow(self, leaf: str) -> tuple[Field, ...]:
         # a field of CompareConfig itself, or of one of the top-level sections

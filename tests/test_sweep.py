@@ -21,14 +21,15 @@ import time
 from pathlib import Path
 from typing import Any
 
+import attrs
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hv_netvsc_sim.compare import CompareConfig, run_compare, strip_latency
+from hv_netvsc_sim.compare import CompareConfig, run_compare
 from hv_netvsc_sim.sweep import main as sweep_main
 from hv_netvsc_sim.sweep import run_sweep
-from hv_netvsc_sim.sweep_grid import GridError, load_grid, parse_grid
+from hv_netvsc_sim.sweep_grid import GridError, config_fields, load_grid, parse_grid
 from hv_netvsc_sim.sweep_store import CELLS_FILE, WALL_COLUMNS, ResultStore, read_table
 from hv_netvsc_sim.sweep_summary import summarize, t_interval
 
@@ -53,6 +54,17 @@ seed = {{ from = 1, to = 3 }}
 age_steps = 2000
 cycles = 1
 """
+
+
+def _deterministic(doc: Any) -> Any:
+    """A document without its wall-clock figures (keys naming latency or wall time)."""
+    if isinstance(doc, dict):
+        return {
+            k: _deterministic(v) for k, v in doc.items() if "latency" not in k and "wall" not in k
+        }
+    if isinstance(doc, list):
+        return [_deterministic(v) for v in doc]
+    return doc
 
 
 def _write(tmp: Path, name: str, text: str) -> Path:
@@ -129,10 +141,10 @@ def test_a_cell_is_compare_for_its_strategy(reference: Path) -> None:
         cycles=1,
         strategies=(row["strategy"],),
     )
-    doc = strip_latency(run_compare(config))["strategies"][row["strategy"]]
+    doc = _deterministic(run_compare(config))["strategies"][row["strategy"]]
     stored = ResultStore(reference).load()[row["cell_id"]].doc
     assert stored is not None
-    assert strip_latency(stored) == {k: v for k, v in doc.items() if k != "series"}
+    assert _deterministic(stored) == {k: v for k, v in doc.items() if k != "series"}
     assert row["run.direct_map_splits.level2"] == doc["run"]["direct_map_splits"]["level2"]
 
 
@@ -407,3 +419,52 @@ def test_help_of_the_command_and_of_sweep(capsys: pytest.CaptureFixture[str]) ->
         assert exc.value.code == 0
     out = capsys.readouterr().out
     assert "sweep" in out and "95% t interval" in out and "--scheduler ADDRESS" in out
+
+
+@attrs.frozen
+class _Preset:
+    name: str = "default"
+    hours: int = 1
+
+
+def _preset(value: _Preset | str) -> _Preset:
+    return value if isinstance(value, _Preset) else _Preset(value, 24)
+
+
+@attrs.frozen
+class _Inner:
+    seed: int = 1
+    level: int = 0
+
+
+@attrs.frozen
+class _Root:
+    inner: _Inner = attrs.field(factory=_Inner)
+    other: _Inner = attrs.field(factory=_Inner)
+    preset: _Preset = attrs.field(default=_Preset(), converter=_preset)
+    steps: int = 0
+
+
+def test_fields_come_from_the_classes() -> None:
+    """A field added to a configuration class is an axis: a nested class is a section, one
+    with a converter (a preset name) is one field; plain names shared by sections set each."""
+    from hv_netvsc_sim.sweep_grid import Namespace, _walk
+
+    ns = Namespace(tuple(_walk(_Root, (), frozenset())))
+    assert [f.dotted for f in ns.resolve("preset")[1]] == ["preset"]
+    assert [f.dotted for f in ns.resolve("seed")[1]] == ["inner.seed", "other.seed"]
+    assert ns.resolve("other.level")[0] == "other.level"
+    assert ns.resolve("steps")[0] == "steps"
+    with pytest.raises(GridError, match=r"unknown field 'stpes'.*did you mean steps"):
+        ns.resolve("stpes")
+    # and the real classes: compare's aging, the guest's, the scenario's, the pool's
+    real = Namespace(config_fields())
+    for name, path in (
+        ("age_steps", "age_steps"),
+        ("memory_bytes", "guest.memory_bytes"),
+        ("cpus", "guest.cpus"),
+        ("nics", "scenario.nics"),
+        ("recv_sections", "scenario.settings.recv_sections"),
+        ("grow_step_bytes", "pool.grow_step_bytes"),
+    ):
+        assert [f.dotted for f in real.resolve(name)[1]] == [path]
