@@ -19,6 +19,7 @@ import math
 import statistics
 import sys
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any, TextIO
 
 from hv_netvsc_sim.sweep_grid import STRATEGY_AXIS, Grid
@@ -108,6 +109,10 @@ def _num(x: float | None) -> str:
     return f"{x:,.3g}"
 
 
+def _mib(x: float | None) -> str:
+    return "-" if x is None else f"{x / (1 << 20):,.1f} MiB"
+
+
 def _key_text(name: str, value: Any) -> str:
     if name.endswith("_bytes") and isinstance(value, int):
         return format_size(value)
@@ -122,7 +127,7 @@ def summary_table(summary: Mapping[str, Any]) -> Any:
     names = list(groups[0]["keys"]) if groups else []
     fixed = ", ".join(f"{n} {_key_text(n, v)}" for n, v in summary["fixed"].items())
     table = Table(
-        title=f"sweep {summary['grid']}: {summary['cells']} cells"
+        title=f"sweep {Path(summary['grid']).name}: {summary['cells']} cells"
         + (f", {summary['failed']} failed" if summary["failed"] else "")
         + (f"; {fixed}" if fixed else "")
         + f"\n{int(summary['confidence'] * 100)} % CI: t interval over seeds",
@@ -137,9 +142,10 @@ def summary_table(summary: Mapping[str, Any]) -> Any:
         first = True
         for metric, s in g["metrics"].items():
             keys = [_key_text(n, g["keys"][n]) if first else "" for n in names]
-            ci = "-" if s["ci_low"] is None else f"{_num(s['ci_low'])} – {_num(s['ci_high'])}"
+            num = _mib if "bytes" in metric else _num
+            ci = "-" if s["ci_low"] is None else f"{num(s['ci_low'])} – {num(s['ci_high'])}"
             n_text = f"{s['n']}" + (f" ({g['failed']} failed)" if first and g["failed"] else "")
-            table.add_row(*keys, metric, n_text, _num(s["mean"]), _num(s["median"]), ci)
+            table.add_row(*keys, metric, n_text, num(s["mean"]), num(s["median"]), ci)
             first = False
         table.add_section()
     return table
@@ -172,7 +178,9 @@ def plot_summary(summary: Mapping[str, Any], path: str) -> None:
     others = [n for n in groups[0]["keys"] if n != STRATEGY_AXIS]
 
     def label(g: Mapping[str, Any]) -> str:
-        return "\n".join(_key_text(n, g["keys"][n]) for n in others) or "all"
+        if not others:  # the strategy is the only axis: one x position each
+            return str(g["keys"].get(STRATEGY_AXIS, ""))
+        return "\n".join(_key_text(n, g["keys"][n]) for n in others)
 
     xlabels = list(dict.fromkeys(label(g) for g in groups))
     ncols = min(3, len(metrics))
@@ -183,7 +191,8 @@ def plot_summary(summary: Mapping[str, Any], path: str) -> None:
     width = 0.7
     for ax, metric in zip(axes.flat, metrics, strict=False):
         for i, strategy in enumerate(strategies):
-            offset = (i - (len(strategies) - 1) / 2) * width / max(1, len(strategies))
+            spread = len(strategies) if others else 1
+            offset = (i - (spread - 1) / 2) * width / spread if others else 0.0
             xs, ys, lo, hi, bare_x, bare_y = [], [], [], [], [], []
             for g in groups:
                 if str(g["keys"].get(STRATEGY_AXIS, "")) != strategy:
@@ -217,8 +226,8 @@ def plot_summary(summary: Mapping[str, Any], path: str) -> None:
         fig.legend(handles, labels, loc="outside lower center", ncols=min(6, len(labels)))
     fixed = ", ".join(f"{n} {_key_text(n, v)}" for n, v in summary["fixed"].items())
     fig.suptitle(
-        f"sweep {summary['grid']}: mean and {int(summary['confidence'] * 100)} % t interval "
-        f"over seeds" + (f"\n{fixed}" if fixed else ""),
+        f"sweep {Path(summary['grid']).name}: mean and {int(summary['confidence'] * 100)} % "
+        "t interval over seeds" + (f"\n{fixed}" if fixed else ""),
         fontsize=10,
     )
     fig.savefig(path, dpi=110)
