@@ -9,7 +9,12 @@ dask.distributed, unchanged between one machine and many: by default a LocalClus
 worker processes on 127.0.0.1, one per CPU, one thread each (the model is pure Python and
 holds the GIL); `--scheduler ADDRESS` submits the same tasks to an existing cluster (its
 workers must have this package installed). Nothing here schedules, queues or talks to
-workers: cells are `Client.submit` tasks, collected with `as_completed`.
+workers: each guest key is one `Client.submit` task (its aged guest, built once), each cell
+a task that depends on its key's, and the results are collected with `as_completed`. The
+dependency is what lets the scheduler run a key's cells where its aged guest already is
+(dask's data locality) instead of aging it again on every worker: a first version that
+cached guests per worker aged each key once per worker and ran a 48-cell grid at 0.58x the
+speed of the same cells in one process on 2 CPUs.
 
 Failures: a cell that fails inside (its configuration refused, an exception in the model)
 comes back as a finished task carrying its error, is recorded, and the sweep goes on. A
@@ -33,11 +38,13 @@ interrupted (what finished is kept).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
 import sys
 import time
+import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -45,7 +52,13 @@ from typing import Any, TextIO
 
 import attrs
 
-from hv_netvsc_sim.sweep_cell import CellRecord, run_cell
+from hv_netvsc_sim.sweep_cell import (
+    CellRecord,
+    GuestGroup,
+    group_cells,
+    prepare_guests,
+    run_cell,
+)
 from hv_netvsc_sim.sweep_grid import Cell, Grid, GridError, load_grid
 from hv_netvsc_sim.sweep_store import ResultStore, check_metric
 from hv_netvsc_sim.sweep_summary import plot_summary, print_summary, summarize
@@ -92,6 +105,12 @@ class _Progress:
         self.step = max(1, total // 10)
         self._bar: Any = None
         self._task: Any = None
+        if enabled and total > done:
+            print(
+                f"sweep: {total} cells, {done} already done: running {total - done}",
+                file=stream,
+                flush=True,
+            )
 
     def __enter__(self) -> _Progress:
         if self.enabled and self.stream.isatty():
@@ -161,11 +180,6 @@ def _plan(
         if record is None or (retry_failed and not record.ok):
             pending.append(cell)
     return pending, records, checked
-
-
-def _guest_order(cell: Cell) -> str:
-    """Cells sharing a guest key run next to each other (each worker keeps a few guests)."""
-    return repr(sorted((p, repr(v)) for p, v in cell.assignments if p[0] != "scenario"))
 
 
 @contextmanager
@@ -243,6 +257,45 @@ def _outcome(
     return SweepOutcome(len(grid), ran, len(rows) - ran, failed, rows, time.perf_counter() - t0)
 
 
+def _submit(client: Any, groups: Sequence[GuestGroup]) -> dict[str, tuple[Cell, Any]]:
+    """One task per guest key (its Guests, built and aged once) and one per cell, which
+    depends on its key's: the scheduler runs a key's cells where its guests are, or moves
+    them. Keys are unique to this run (a killed client's tasks may linger on a shared
+    scheduler until it notices)."""
+    token = uuid.uuid4().hex[:8]
+    by_key: dict[str, tuple[Cell, Any]] = {}
+    for group in groups:
+        guests = client.submit(
+            prepare_guests,
+            group.guest,
+            group.age_steps,
+            group.aged,
+            key=f"sweep-guests-{group.id}-{token}",
+            pure=False,
+            retries=1,
+        )
+        for cell in group.cells:
+            future = client.submit(
+                run_cell, cell, guests, key=f"sweep-cell-{cell.id}-{token}", pure=False, retries=1
+            )
+            by_key[future.key] = (cell, future)
+        del guests  # only the cells hold it now: released when the last one is done
+    return by_key
+
+
+def _finished(by_key: dict[str, tuple[Cell, Any]]) -> Iterator[CellRecord]:
+    import distributed
+
+    as_completed: Any = distributed.as_completed  # not annotated
+    for future in as_completed([f for _, f in by_key.values()]):
+        cell = by_key[future.key][0]
+        try:
+            yield future.result()
+        except Exception as exc:  # the engine gave up on it: KilledWorker, ...
+            yield _lost(cell, exc)
+        future.release()
+
+
 def run_sweep(
     grid: Grid,
     out: str | Path,
@@ -259,40 +312,20 @@ def run_sweep(
     store = ResultStore(out)
     store.open()
     pending, records, checked = _plan(grid, store, retry_failed)
-    pending.sort(key=_guest_order)
-    ran = 0
+    groups, refused = group_cells(pending)
     reporter = progress(len(grid), len(grid) - len(pending)) if progress else None
+    ran = 0
     try:
-        if pending:
-            with _client(scheduler, workers or default_workers()) as client:
-                import distributed
-
-                as_completed: Any = distributed.as_completed  # not annotated
-
-                by_key = {}
-                for cell in pending:
-                    future = client.submit(
-                        run_cell, cell, key=f"sweep-cell-{cell.id}", pure=False, retries=1
-                    )
-                    by_key[future.key] = (cell, future)
-
-                def results() -> Iterator[CellRecord]:
-                    for future in as_completed([f for _, f in by_key.values()]):
-                        cell = by_key[future.key][0]
-                        try:
-                            yield future.result()
-                        except Exception as exc:  # the engine gave up: KilledWorker, ...
-                            yield _lost(cell, exc)
-
-                try:
-                    if reporter is not None:
-                        with reporter:
-                            ran = _collect(grid, store, records, results(), checked, reporter)
-                    else:
-                        ran = _collect(grid, store, records, results(), checked, None)
-                except BaseException:
-                    client.cancel([f for _, f in by_key.values()])
-                    raise
+        with reporter if reporter is not None else contextlib.nullcontext():
+            ran += _collect(grid, store, records, iter(refused), checked, reporter)
+            if groups:
+                with _client(scheduler, workers or default_workers()) as client:
+                    by_key = _submit(client, groups)
+                    try:
+                        ran += _collect(grid, store, records, _finished(by_key), checked, reporter)
+                    except BaseException:
+                        client.cancel([f for _, f in by_key.values()])
+                        raise
     finally:
         outcome = _outcome(grid, store, records, ran, t0)
     return outcome
@@ -300,13 +333,22 @@ def run_sweep(
 
 def run_sequential(grid: Grid, out: str | Path) -> SweepOutcome:
     """The same cells one after another in this process, without Dask (the benchmark's
-    baseline; a cell's document is the same either way)."""
+    baseline): each guest key's Guests built and aged once, as on the cluster, so a cell's
+    document is the same either way."""
     t0 = time.perf_counter()
     store = ResultStore(out)
     store.open()
     pending, records, checked = _plan(grid, store, False)
-    pending.sort(key=_guest_order)
-    ran = _collect(grid, store, records, (run_cell(c) for c in pending), checked, None)
+    groups, refused = group_cells(pending)
+
+    def results() -> Iterator[CellRecord]:
+        yield from refused
+        for group in groups:
+            guests = prepare_guests(group.guest, group.age_steps, group.aged)
+            for cell in group.cells:
+                yield run_cell(cell, guests)
+
+    ran = _collect(grid, store, records, results(), checked, None)
     return _outcome(grid, store, records, ran, t0)
 
 
@@ -415,6 +457,10 @@ def _sweep(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     except ConnectionError as exc:
         print(f"hv-netvsc-sim sweep: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        kept = len(ResultStore(out).load())
+        print(f"sweep: interrupted; {kept} finished cells kept in {out}", file=sys.stderr)
+        return 130
     summary = summarize(grid, outcome.rows)
     if args.json:
         json.dump(summary, sys.stdout)

@@ -3,11 +3,13 @@
 A cell is exactly what compare does for one of its strategies (hv_netvsc_sim.compare's
 per-strategy step): the strategy provisioned on a copy of the guest (pool.provision through
 hv_netvsc_sim.inprocess.run_in_process), the scenario's cycles, the per-strategy compare
-document. The guests come from one pool.provision.Guests per guest key (the GuestConfig
-and the aging) held by the worker process and reused by every later cell with that key, as
-compare shares one aged guest between its strategies: the aged guest is built once per
-guest key per worker, and each cell gets a clone, so a cell's document does not depend on
-which worker ran it or what ran there before.
+document. The guests of one guest key (the GuestConfig and the aging) are one
+pool.provision.Guests, built and aged once (`prepare_guests`, an engine task of its own)
+and shared by every cell with that key, as compare shares one aged guest between its
+strategies: each cell runs on a clone, so its document does not depend on which worker ran
+it or what ran there before. The engine runs a key's cells where its guests are, or moves
+the guests (a pickled Guests: 42 MiB and ~1.4 s for an aged 4 GiB guest, where aging it
+200,000 steps takes ~20 s).
 
 Everything that can go wrong inside a cell (a configuration its own classes refuse, an
 exception in the model) is caught here and returned as the cell's error: the engine sees
@@ -18,10 +20,10 @@ mid-cell is the engine's business (hv_netvsc_sim.sweep: retried once).
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 import socket
 import time
-from collections import OrderedDict
 from collections.abc import Iterable
 from typing import Any
 
@@ -30,12 +32,11 @@ import attrs
 from hv_netvsc_sim.compare import CompareConfig
 from hv_netvsc_sim.inprocess import run_in_process
 from hv_netvsc_sim.sweep_grid import POOL_SECTION, Cell
+from pool.guest import GuestConfig
 from pool.provision import Guests
-from pool.registry import PoolSettings
+from pool.registry import PoolSettings, spec_for
 
-__all__ = ["KEEP_GUESTS", "CellRecord", "build_config", "run_cell"]
-
-KEEP_GUESTS = 2  # guest keys a worker holds (a 16 GiB guest and its aged copy: ~0.2 GiB)
+__all__ = ["CellRecord", "GuestGroup", "build_config", "group_cells", "prepare_guests", "run_cell"]
 OK = "ok"
 ERROR = "error"
 
@@ -106,21 +107,53 @@ def build_config(cell: Cell) -> tuple[CompareConfig, PoolSettings]:
     return config, _evolve(PoolSettings(), pool_tree)
 
 
-_GUESTS: OrderedDict[Any, Guests] = OrderedDict()  # this worker's guests, by guest key
+@attrs.frozen
+class GuestGroup:
+    """The cells that start from one guest: its key (the GuestConfig and the aging, as
+    compare's one pool.provision.Guests), whether any of them boots on the aged guest
+    (the others reserve memory at boot and age their own pristine copy), and the cells."""
+
+    guest: GuestConfig
+    age_steps: int
+    aged: bool
+    cells: tuple[Cell, ...]
+
+    @property
+    def id(self) -> str:
+        text = repr((self.guest, self.age_steps))
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def _guests_for(config: CompareConfig) -> Guests:
-    key: Any = (config.guest, config.age_steps)
+def group_cells(cells: Iterable[Cell]) -> tuple[list[GuestGroup], list[CellRecord]]:
+    """The cells by guest key, in order of first appearance, and a failed record for each
+    cell whose configuration its classes refuse (it never runs)."""
+    groups: dict[str, tuple[GuestConfig, int, list[bool], list[Cell]]] = {}
+    refused = []
+    for cell in cells:
+        try:
+            config, settings = build_config(cell)
+            boots_aged = not spec_for(cell.strategy).reserves_at_boot(settings)
+        except Exception as exc:
+            refused.append(CellRecord.failed(cell, f"{type(exc).__name__}: {exc}"))
+            continue
+        key = repr((config.guest, config.age_steps))
+        entry = groups.setdefault(key, (config.guest, config.age_steps, [], []))
+        entry[2].append(boots_aged)
+        entry[3].append(cell)
+    out = [GuestGroup(g, a, any(flags), tuple(cs)) for g, a, flags, cs in groups.values()]
+    return out, refused
+
+
+def prepare_guests(guest: GuestConfig, age_steps: int, aged: bool) -> Guests | str:
+    """The guests of one key, as compare's: the pristine guest built, and aged once when
+    a cell boots on the aged guest. Its cells (tasks that depend on this one) run on
+    clones of it wherever the engine puts them. An error is returned as its one-line
+    text (each of the key's cells then records it), never raised."""
     try:
-        hash(key)
-    except TypeError:  # an unhashable field value: its repr is as good a key
-        key = repr(key)
-    guests = _GUESTS.pop(key, None)
-    if guests is None:
-        guests = Guests(config.guest, config.age_steps)
-        while len(_GUESTS) >= KEEP_GUESTS:
-            _GUESTS.popitem(last=False)
-    _GUESTS[key] = guests  # most recently used last
+        guests = Guests(guest, age_steps)
+        guests.aged() if aged else guests.pristine()
+    except Exception as exc:
+        return _one_line(f"{type(exc).__name__}: {exc}")
     return guests
 
 
@@ -130,14 +163,16 @@ def _engine_scenario(config: CompareConfig) -> Any:
     return getattr(config, "run_scenario", config.scenario)
 
 
-def run_cell(cell: Cell) -> CellRecord:
-    """Run one cell; never raises for what the cell itself does (see the module)."""
+def run_cell(cell: Cell, guests: Guests | str) -> CellRecord:
+    """Run one cell on clones of `guests` (prepare_guests' result for the cell's key);
+    never raises for what the cell itself does (see the module)."""
     t0 = time.perf_counter()
     where = f"{socket.gethostname()}:{os.getpid()}"
     aging = 0.0
+    if isinstance(guests, str):  # its guest could not be built
+        return attrs.evolve(CellRecord.failed(cell, guests), where=where)
     try:
         config, settings = build_config(cell)
-        guests = _guests_for(config)
         aging0 = guests.aging_seconds
         scenario = _engine_scenario(config)
         run = asyncio.run(run_in_process(cell.strategy, guests, scenario, settings=settings))
