@@ -117,6 +117,9 @@ def test_cluster_and_local_default_give_the_same_table(
     on_cluster, local = read_table(reference), read_table(tmp_path)
     assert len(on_cluster) == 12
     assert _without_wall(on_cluster) == _without_wall(local)
+    # each guest key was aged once, by its own task: no cell aged a guest (neither
+    # strategy reserves memory at boot, so none ages a pristine copy of its own)
+    assert all(r["aging_seconds"] == 0 for r in on_cluster + local)
     # the CSV holds the same table
     csv = (tmp_path / "results.csv").read_text().splitlines()
     assert len(csv) == 13 and csv[0].split(",")[:4] == [
