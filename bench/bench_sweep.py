@@ -11,7 +11,9 @@ The grid (docs/sweep/bench48.toml): 4 strategies x 2 guest sizes (256 and 512 Mi
 
 The tables of the two must be the same (wall-clock columns aside): checked each run.
 Printed: wall seconds of each, min/median/max over the runs, and the ratio sequential /
-sweep (above 1: the cluster is faster). On a 2-CPU machine the ceiling is 2.
+sweep (above 1: the cluster is faster), and the machine's load average around each run:
+on a 2-CPU machine the ceiling is 2, and a machine already busy with other work leaves
+the second worker little to run on (see the README's Sweeps section for measured figures).
 
 Run: .venv/bin/python bench/bench_sweep.py [--runs 3] [--grid docs/sweep/bench48.toml]
 """
@@ -19,6 +21,7 @@ Run: .venv/bin/python bench/bench_sweep.py [--runs 3] [--grid docs/sweep/bench48
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import tempfile
 import time
@@ -51,17 +54,23 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(args.runs):
             a, b = Path(tmp) / f"sweep-{i}", Path(tmp) / f"seq-{i}"
-            t0 = time.perf_counter()
-            outcome = run_sweep(grid, a)
-            sweep_s.append(time.perf_counter() - t0)
-            t0 = time.perf_counter()
-            base = run_sequential(grid, b)
-            seq_s.append(time.perf_counter() - t0)
+            load0 = os.getloadavg()[0]
+            # alternate which goes first, so a drift of the machine's load favours neither
+            for first in (i % 2 == 0, i % 2 != 0):
+                if first:
+                    t0 = time.perf_counter()
+                    outcome = run_sweep(grid, a)
+                    sweep_s.append(time.perf_counter() - t0)
+                else:
+                    t0 = time.perf_counter()
+                    base = run_sequential(grid, b)
+                    seq_s.append(time.perf_counter() - t0)
             assert outcome.ran == base.ran == len(grid), (outcome, base)
             assert _table(a) == _table(b), "the sweep and the sequential run differ"
             print(
                 f"run {i + 1}: sweep {sweep_s[-1]:.2f} s, sequential {seq_s[-1]:.2f} s, "
-                f"ratio {seq_s[-1] / sweep_s[-1]:.2f}"
+                f"ratio {seq_s[-1] / sweep_s[-1]:.2f} (1-minute load average "
+                f"{load0:.1f} -> {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs)"
             )
     ratios = [s / w for s, w in zip(seq_s, sweep_s, strict=True)]
     print(f"sweep (local cluster)  s: {_fmt(sweep_s)}")

@@ -435,6 +435,8 @@ def _sweep(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     except GridError as exc:
         parser.error(str(exc))
     _check_plot(parser, args.plot)
+    if args.scheduler and args.workers:
+        parser.error("--workers sizes the local cluster; an existing one (--scheduler) has its own")
     out = Path(args.out or f"sweep-{Path(args.grid).stem}")
     quiet = args.quiet
 

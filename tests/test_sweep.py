@@ -306,6 +306,8 @@ def test_missing_grid_and_bad_plot_exit_2(
         (["--grid", str(tiny), "--plot", str(tmp_path / "p.nope")], "unknown format 'nope'"),
         (["--grid", str(tiny), "--plot", str(tmp_path / "no" / "p.png")], "no directory"),
         (["--grid", str(tiny), "--scheduler", "localhost"], "like tcp://HOST:8786"),
+        (["--grid", str(tiny), "--scheduler", "tcp://h:1", "--workers", "2"], "its own"),
+        (["--grid", str(tiny), "--workers", "0"], "must be at least 1"),
     ):
         with pytest.raises(SystemExit) as exc:
             sweep_main([*argv, "--out", str(tmp_path / "out")])
