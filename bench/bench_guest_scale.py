@@ -38,9 +38,8 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
 import attrs
+import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -227,9 +226,7 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--gib", type=int, action="append", help="guest size(s); default 64 and 16")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument(
-        "--backend", action="append", choices=("c", "python"), help="default: both"
-    )
+    parser.add_argument("--backend", action="append", choices=("c", "python"), help="default: both")
     parser.add_argument("--compare-cycles", type=int, default=200)
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -248,7 +245,9 @@ def main() -> int:
             f"-- side by side, {args.repeats} runs each (min/median/max): "
             f"{gib} GiB, {args.steps:,} steps"
         )
-        print(f"{'backend':<8} {'build s':>20} {'age s':>20} {'16 MiB pair ms':>20} {'RSS MiB':>10}")
+        print(
+            f"{'backend':<8} {'build s':>20} {'age s':>20} {'16 MiB pair ms':>20} {'RSS MiB':>10}"
+        )
         for b in backends:
             rs = results[b]
             if len({r.buddyinfo for r in rs} | {first.buddyinfo}) != 1:
@@ -262,9 +261,7 @@ def main() -> int:
             )
         if "c" in results and "python" in results:
             med = {b: statistics.median(r.age_s for r in results[b]) for b in results}
-            pair = {
-                b: statistics.median(p for r in results[b] for p in r.pair_s) for b in results
-            }
+            pair = {b: statistics.median(p for r in results[b] for p in r.pair_s) for b in results}
             print(
                 f"compiled core vs pure Python (medians): aging {med['python'] / med['c']:.1f}x, "
                 f"16 MiB vmalloc pair {pair['python'] / pair['c']:.1f}x faster"
@@ -291,7 +288,10 @@ def main() -> int:
         print()
     if args.compare_cycles:
         n = args.compare_cycles
-        print(f"== hv-netvsc-sim compare --cycles {n} --seed 1 (defaults), wall s, {args.repeats} runs")
+        print(
+            f"== hv-netvsc-sim compare --cycles {n} --seed 1 (defaults), wall s, "
+            f"{args.repeats} runs"
+        )
         cold, warm, pure = [], [], []
         for _ in range(args.repeats):
             with tempfile.TemporaryDirectory(prefix="bench-aged-cache-") as cache:
@@ -304,9 +304,10 @@ def main() -> int:
         print(f"compiled core, warm aged-guest cache   {spread(warm)} (target 2 s)")
         if pure:
             print(f"pure Python, no cache (the baseline)   {spread(pure)}")
+            base = statistics.median(pure)
             print(
-                f"speed-up (medians): cold {statistics.median(pure) / statistics.median(cold):.1f}x,"
-                f" warm {statistics.median(pure) / statistics.median(warm):.1f}x"
+                f"speed-up (medians): cold {base / statistics.median(cold):.1f}x, "
+                f"warm {base / statistics.median(warm):.1f}x"
             )
     return 1 if failed else 0
 

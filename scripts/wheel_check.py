@@ -39,6 +39,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("pool", "daemon", "hv_netvsc_sim")
+BUILD_REQUIRES = ("setuptools>=77", "wheel")  # pyproject.toml's [build-system] requires
 EXTENSION_SOURCES = ("pool/guest/_core.c",)
 """C sources of the compiled core: in the sdist; the wheel holds the module built from them."""
 EXTENSION_MODULE = re.compile(r"^pool/guest/_core\.cpython-[^/]+\.so$")
@@ -87,7 +88,8 @@ def tracked_data_files() -> list[str]:
     return [
         f
         for f in out
-        if not f.endswith((".py", ".pyc")) and Path(f).name != "README.md"
+        if not f.endswith((".py", ".pyc"))
+        and Path(f).name != "README.md"
         and f not in EXTENSION_SOURCES
     ]
 
@@ -105,8 +107,7 @@ def build_sdist(python: str, out: Path) -> Path:
     --sdist` calls it), with the build requirements pip installs into a scratch directory."""
     tools = out / ".build-tools"
     run(
-        [python, "-m", "pip", "install", "--quiet", "--target", str(tools)]
-        + ["setuptools>=77", "wheel"],
+        [python, "-m", "pip", "install", "--quiet", "--target", str(tools), *BUILD_REQUIRES],
         ROOT,
         600,
     )

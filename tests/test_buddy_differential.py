@@ -101,18 +101,22 @@ op = st.one_of(
     ),
     st.tuples(st.just("alloc_small"), st.integers(0, 3), st.sampled_from(ZONELISTS), mts, cpus),
     st.tuples(st.just("free"), st.integers(0, 10**6), cpus),
-    st.tuples(
-        st.just("alloc_bulk"), st.integers(0, 300), st.sampled_from(ZONELISTS), mts, cpus
-    ),
+    st.tuples(st.just("alloc_bulk"), st.integers(0, 300), st.sampled_from(ZONELISTS), mts, cpus),
     st.tuples(st.just("free_bulk"), st.integers(1, 400), cpus),
-    st.tuples(st.just("drain"),),
+    st.tuples(
+        st.just("drain"),
+    ),
     st.tuples(st.just("claim"), st.integers(0, END - 1), st.integers(1, 700)),
     st.tuples(st.just("bad_free"), st.integers(0, END + 10), st.integers(0, MAX_PAGE_ORDER)),
     st.tuples(st.just("churn"), st.integers(1, 400), st.booleans()),
 )
 
 
-@settings(max_examples=int(os.environ.get("SHAREDPOOL_DIFF_EXAMPLES", "150")), deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(
+    max_examples=int(os.environ.get("SHAREDPOOL_DIFF_EXAMPLES", "150")),
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
 @given(
     ops=st.lists(op, min_size=1, max_size=60),
     batch=st.integers(1, 16),

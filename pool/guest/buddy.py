@@ -108,9 +108,9 @@ __all__ = [
     "ZONE_NAMES",
     "Backend",
     "PageAllocator",
-    "compiled_core",
     "Zone",
     "buddy_of",
+    "compiled_core",
     "default_zones",
     "tile_range",
 ]
@@ -375,10 +375,7 @@ class PageAllocator:
         """The ``PerCpuPages`` of every zone and CPU: views of their records in ``_pcp_data``."""
         cpus = len(self._pcp_data) // (PCP_FIELDS * len(self.zones))
         self._pcp = [
-            [
-                PerCpuPages(self._pcp_data, (zi * cpus + cpu) * PCP_FIELDS)
-                for cpu in range(cpus)
-            ]
+            [PerCpuPages(self._pcp_data, (zi * cpus + cpu) * PCP_FIELDS) for cpu in range(cpus)]
             for zi in range(len(self.zones))
         ]
 
@@ -401,7 +398,10 @@ class PageAllocator:
                 self._counters,
                 self._pcp_data,
                 self.end_pfn,
-                [(s, e, low) for (s, e), low in zip(self._zone_bounds, self._low_wmark, strict=True)],
+                [
+                    (s, e, low)
+                    for (s, e), low in zip(self._zone_bounds, self._low_wmark, strict=True)
+                ],
                 self.cpus if self._pcp_data else 0,
             )
             _CORES[self] = core

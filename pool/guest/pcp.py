@@ -39,8 +39,8 @@ from pool.guest.units import PAGE_SIZE
 __all__ = [
     "NR_LOWORDER_PCP_LISTS",
     "NR_PCP_LISTS",
-    "PCP_FIELDS",
     "PAGE_ALLOC_COSTLY_ORDER",
+    "PCP_FIELDS",
     "PerCpuPages",
     "min_free_kbytes",
     "nr_pcp_free",
