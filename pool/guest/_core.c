@@ -931,6 +931,13 @@ static PyObject *Core_churn_step(Core *c, PyObject *args) {
         steps_done++;
         /* the reference's step loop checks no signal; a long aging is chunked by Churn.run */
     }
+    /* a RuntimeError of the loop is handed back beside the state (the caller stores the
+     * state, then raises), so it is fetched before anything else calls into Python */
+    PyObject *exc_type = NULL, *exc_value = NULL, *exc_tb = NULL;
+    if (failed) {
+        PyErr_Fetch(&exc_type, &exc_value, &exc_tb);
+        PyErr_NormalizeException(&exc_type, &exc_value, &exc_tb);
+    }
     PyObject *result = NULL;
     PyObject *short_out = vec_to_array(&r.live[0]);
     PyObject *long_out = short_out ? vec_to_array(&r.live[1]) : NULL;
@@ -955,20 +962,17 @@ static PyObject *Core_churn_step(Core *c, PyObject *args) {
     Py_XDECREF(long_out);
     PyMem_Free(r.live[0].v);
     PyMem_Free(r.live[1].v);
-    if (failed && result) {
-        /* hand the state back with the error: the caller stores it, then raises */
-        PyObject *exc_type, *exc_value, *exc_tb;
-        PyErr_Fetch(&exc_type, &exc_value, &exc_tb);
-        PyObject *pair = Py_BuildValue("(OO)", result, exc_value ? exc_value : Py_None);
-        Py_DECREF(result);
+    if (!result) {
         Py_XDECREF(exc_type);
         Py_XDECREF(exc_value);
         Py_XDECREF(exc_tb);
-        return pair;
+        return NULL;
     }
-    if (failed) return NULL;
-    PyObject *pair = Py_BuildValue("(ON)", result, Py_NewRef(Py_None));
+    PyObject *pair = Py_BuildValue("(OO)", result, exc_value ? exc_value : Py_None);
     Py_DECREF(result);
+    Py_XDECREF(exc_type);
+    Py_XDECREF(exc_value);
+    Py_XDECREF(exc_tb);
     return pair;
 }
 

@@ -56,6 +56,22 @@ Representation (a 64 GiB guest has 16.7 M pfns, so nothing is a Python object pe
   pindex)`` are numbered by :meth:`PageAllocator._buddy_list` and ``PerCpuPages.first_list``.
   Every list operation is O(1).
 
+- Counters: ``_nr_free`` (``zone * 11 + order``), ``_free_pages`` (per zone), ``_counters``
+  (``[0]``: allocated pages) and ``_pcp_data`` (the ``PerCpuPages`` records) are int64
+  ``array('q')``, so that the compiled core below updates the same words.
+
+Two backends, one state. The methods below are the reference implementation, in Python. The
+compiled core (pool.guest._core, a C extension built by the package's build) translates the
+hot paths line by line — ``alloc``, ``free``, ``free_bulk``, ``alloc_bulk``,
+``drain_all_pages`` with everything under them (pcp lists, ``__rmqueue_fallback()`` and
+pageblock stealing, ``__free_one_page()``) and the churn's step loop
+(pool.guest.workload) — over the *same* arrays, through buffer views: queries,
+``check_invariants``, ``claim_range`` and ``clone`` stay Python and see what the core wrote.
+The backend is chosen in one place, :func:`compiled_core`/``_resolve_backend``: the core when
+it is built, unless ``backend="python"`` or ``SHAREDPOOL_PURE_PYTHON=1``; a missing core is one
+warning and the Python paths. tests/test_buddy_differential.py drives both backends with the
+same random operation sequences and asserts identical lists, counters and per-pfn states.
+
 ``alloc`` and ``free`` are O(orders) plus the pcp batch they may move. ``claim_range`` is
 O(blocks touched x orders).
 
@@ -386,7 +402,9 @@ class PageAllocator:
         core = _CORES.get(self)
         if core is None:
             module = compiled_core()
-            assert module is not None  # _resolve_backend checked it
+            if module is None:  # restored (snapshot) where the core is not built
+                self.backend = "python"
+                return None
             core = module.Core(
                 self._state,
                 self._mt,
