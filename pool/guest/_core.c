@@ -665,23 +665,68 @@ static double mt_random(MT *m) {
     return (a * 67108864.0 + b) * (1.0 / 9007199254740992.0);
 }
 
-/* A growable int64 vector mirrored to an array('q') at the end of a call. */
+/* The churn's live allocations, in place in its array('q'): a buffer view while the loop
+ * runs, the array grown (frombytes) when a push finds no room, and cut back to the entries
+ * in use at the end. No copy of the entries per call. */
 typedef struct {
+    PyObject *arr;
+    Py_buffer view;
+    int held;
     int64_t *v;
     Py_ssize_t n, cap;
 } Vec;
 
-static int vec_push(Vec *s, int64_t x) {
-    if (s->n == s->cap) {
-        Py_ssize_t cap = s->cap ? s->cap * 2 : 1024;
-        int64_t *v = PyMem_Realloc(s->v, cap * sizeof(int64_t));
-        if (!v) {
-            PyErr_NoMemory();
-            return -1;
-        }
-        s->v = v;
-        s->cap = cap;
+static int vec_acquire(Vec *s) {
+    if (PyObject_GetBuffer(s->arr, &s->view, PyBUF_WRITABLE) < 0) return -1;
+    if (s->view.itemsize != 8) {
+        PyBuffer_Release(&s->view);
+        PyErr_SetString(PyExc_ValueError, "live allocations must be an array('q')");
+        return -1;
     }
+    s->held = 1;
+    s->v = s->view.buf;
+    s->cap = s->view.len / 8;
+    return 0;
+}
+
+static void vec_release(Vec *s) {
+    if (s->held) PyBuffer_Release(&s->view);
+    s->held = 0;
+    s->v = NULL;
+}
+
+static int vec_reserve(Vec *s, Py_ssize_t extra) {
+    vec_release(s);
+    PyObject *zeros = PyBytes_FromStringAndSize(NULL, extra * 8);
+    if (!zeros) return -1;
+    memset(PyBytes_AS_STRING(zeros), 0, extra * 8);
+    PyObject *r = PyObject_CallMethod(s->arr, "frombytes", "O", zeros);
+    Py_DECREF(zeros);
+    if (!r) return -1;
+    Py_DECREF(r);
+    return vec_acquire(s);
+}
+
+static int vec_open(Vec *s, PyObject *arr, Py_ssize_t headroom) {
+    s->arr = arr;
+    s->held = 0;
+    if (vec_acquire(s) < 0) return -1;
+    s->n = s->cap;
+    return vec_reserve(s, headroom);
+}
+
+/* Release the view and cut the array to the entries in use. */
+static int vec_close(Vec *s) {
+    if (!s->arr) return 0;
+    vec_release(s);
+    Py_ssize_t len = PyObject_Length(s->arr);
+    if (len < 0) return -1;
+    if (len > s->n && PySequence_DelSlice(s->arr, s->n, len) < 0) return -1;
+    return 0;
+}
+
+static int vec_push(Vec *s, int64_t x) {
+    if (s->n == s->cap && vec_reserve(s, s->cap > 1024 ? s->cap : 1024) < 0) return -1;
     s->v[s->n++] = x;
     return 0;
 }
@@ -820,38 +865,6 @@ static int read_cum(PyObject *seq, double *out) {
     return 0;
 }
 
-static int load_vec(PyObject *arr, Vec *v) {
-    Py_buffer view;
-    if (PyObject_GetBuffer(arr, &view, PyBUF_SIMPLE) < 0) return -1;
-    Py_ssize_t n = view.len / 8;
-    v->cap = n > 1024 ? n + n / 4 : 1024;
-    v->v = PyMem_Malloc(v->cap * sizeof(int64_t));
-    if (!v->v) {
-        PyBuffer_Release(&view);
-        PyErr_NoMemory();
-        return -1;
-    }
-    memcpy(v->v, view.buf, n * 8);
-    v->n = n;
-    PyBuffer_Release(&view);
-    return 0;
-}
-
-static PyObject *vec_to_array(Vec *v) {
-    /* array('q', bytes) through the array module: the reference keeps array('q') */
-    PyObject *mod = PyImport_ImportModule("array");
-    if (!mod) return NULL;
-    PyObject *bytes = PyBytes_FromStringAndSize((const char *)v->v, v->n * 8);
-    if (!bytes) {
-        Py_DECREF(mod);
-        return NULL;
-    }
-    PyObject *arr = PyObject_CallMethod(mod, "array", "sO", "q", bytes);
-    Py_DECREF(bytes);
-    Py_DECREF(mod);
-    return arr;
-}
-
 /* churn_step(params: dict, state: tuple) -> new state tuple. See Churn.step. */
 static PyObject *Core_churn_step(Core *c, PyObject *args) {
     long long n, steps_done, interval;
@@ -901,9 +914,15 @@ static PyObject *Core_churn_step(Core *c, PyObject *args) {
             r.rng.index = (int)v;
     }
     Py_DECREF(fast);
-    if (load_vec(short_arr, &r.live[0]) < 0) return NULL;
-    if (load_vec(long_arr, &r.live[1]) < 0) {
-        PyMem_Free(r.live[0].v);
+    if (!PyObject_TypeCheck(short_arr, Py_TYPE(long_arr))) {
+        PyErr_SetString(PyExc_TypeError, "live allocations: two array('q')");
+        return NULL;
+    }
+    /* room for every step's allocation; pressure episodes grow the arrays as they go */
+    Py_ssize_t headroom = (Py_ssize_t)(n < 1 << 20 ? n : 1 << 20) + 64;
+    if (vec_open(&r.live[0], short_arr, headroom) < 0) return NULL;
+    if (vec_open(&r.live[1], long_arr, headroom) < 0) {
+        vec_close(&r.live[0]);
         return NULL;
     }
     int cpus = c->cpus > 1 ? c->cpus : 1;
@@ -939,10 +958,10 @@ static PyObject *Core_churn_step(Core *c, PyObject *args) {
         PyErr_NormalizeException(&exc_type, &exc_value, &exc_tb);
     }
     PyObject *result = NULL;
-    PyObject *short_out = vec_to_array(&r.live[0]);
-    PyObject *long_out = short_out ? vec_to_array(&r.live[1]) : NULL;
-    PyObject *words = PyTuple_New(625);
-    if (short_out && long_out && words) {
+    int closed = vec_close(&r.live[0]);
+    closed |= vec_close(&r.live[1]);
+    PyObject *words = closed < 0 ? NULL : PyTuple_New(625);
+    if (words) {
         int ok = 1;
         for (int i = 0; i < 625 && ok; i++) {
             PyObject *v = PyLong_FromUnsignedLong(i < 624 ? r.rng.mt[i] : (unsigned long)r.rng.index);
@@ -952,16 +971,12 @@ static PyObject *Core_churn_step(Core *c, PyObject *args) {
                 PyTuple_SET_ITEM(words, i, v);
         }
         if (ok)
-            result = Py_BuildValue("(OOOLLLLLLi)", words, short_out, long_out, steps_done,
+            result = Py_BuildValue("(OOOLLLLLLi)", words, short_arr, long_arr, steps_done,
                                    (long long)r.pages[0], (long long)r.pages[1],
                                    (long long)r.allocations_made, (long long)r.frees_made,
                                    (long long)r.cpu, failed);
     }
     Py_XDECREF(words);
-    Py_XDECREF(short_out);
-    Py_XDECREF(long_out);
-    PyMem_Free(r.live[0].v);
-    PyMem_Free(r.live[1].v);
     if (!result) {
         Py_XDECREF(exc_type);
         Py_XDECREF(exc_value);

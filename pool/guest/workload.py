@@ -356,7 +356,7 @@ class Churn:
         self._cpu = state[8]
         self._rng.setstate((version, words, gauss))
         if error is not None:
-            raise RuntimeError(str(error))
+            raise error  # the loop's RuntimeError (or a MemoryError), state stored above
 
     def clone(self, allocator: PageAllocator) -> Churn:
         """The same churn (live allocations, RNG state, step count) bound to ``allocator``, which
