@@ -221,3 +221,32 @@ def test_allocator_tests_pass_on_the_pure_python_backend() -> None:
         check=False,
     )
     assert done.returncode == 0, done.stdout[-3000:]
+
+
+def test_a_missing_core_is_one_warning_and_the_python_paths(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from pool.guest import buddy
+
+    monkeypatch.setitem(sys.modules, "pool.guest._core", None)  # import fails
+    monkeypatch.setattr(buddy, "_core_tried", False)
+    monkeypatch.setattr(buddy, "_core_module", None)
+    with pytest.warns(RuntimeWarning, match="pure-Python reference") as record:
+        a = PageAllocator(END, RAM, ZONES, cpus=1)
+        b = PageAllocator(END, RAM, ZONES, cpus=1)
+    assert len(record) == 1 and a.backend == b.backend == "python"
+    with pytest.raises(RuntimeError, match="not built"):
+        PageAllocator(END, RAM, ZONES, backend="c")
+
+
+def test_the_environment_and_the_parameter_force_python(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SHAREDPOOL_PURE_PYTHON", "1")
+    assert PageAllocator(END, RAM, ZONES).backend == "python"
+    assert PageAllocator(END, RAM, ZONES, backend="c").backend == "c"  # explicit wins
+    monkeypatch.delenv("SHAREDPOOL_PURE_PYTHON")
+    assert PageAllocator(END, RAM, ZONES).backend == "c"
+    assert PageAllocator(END, RAM, ZONES, backend="python").backend == "python"
+    a = PageAllocator(END, RAM, ZONES, cpus=1)
+    assert a.clone().backend == "c" and a._core() is not a.clone()._core()
+    with pytest.raises(ValueError, match="backend must be"):
+        PageAllocator(END, RAM, ZONES, backend="fortran")  # type: ignore[arg-type]
