@@ -226,9 +226,11 @@ def test_allocator_tests_pass_on_the_pure_python_backend() -> None:
 def test_a_missing_core_is_one_warning_and_the_python_paths(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    import pool.guest
     from pool.guest import buddy
 
     monkeypatch.setitem(sys.modules, "pool.guest._core", None)  # import fails
+    monkeypatch.delattr(pool.guest, "_core", raising=False)  # the package's attribute too
     monkeypatch.setattr(buddy, "_core_tried", False)
     monkeypatch.setattr(buddy, "_core_module", None)
     with pytest.warns(RuntimeWarning, match="pure-Python reference") as record:
