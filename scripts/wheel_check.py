@@ -105,6 +105,7 @@ def missing_from(wheel: Path) -> list[str]:
 def build_sdist(python: str, out: Path) -> Path:
     """The sdist, by the project's build backend (setuptools' build_meta, as `python -m build
     --sdist` calls it), with the build requirements pip installs into a scratch directory."""
+    out = out.resolve()
     tools = out / ".build-tools"
     run(
         [python, "-m", "pip", "install", "--quiet", "--target", str(tools), *BUILD_REQUIRES],
@@ -129,6 +130,7 @@ def build_sdist(python: str, out: Path) -> Path:
 def build_wheel(python: str, out: Path, from_sdist: bool = True) -> Path:
     """The wheel, built from the sdist (pip's isolated build: setuptools compiles the core),
     or straight from the tree (``from_sdist`` False: the quick check of the test suite)."""
+    out = out.resolve()
     source = build_sdist(python, out) if from_sdist else ROOT
     run([python, "-m", "pip", "wheel", "--quiet", "--no-deps", "-w", str(out), str(source)], out)
     wheels = sorted(out.glob("sharedpool-*.whl"))

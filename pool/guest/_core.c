@@ -739,7 +739,7 @@ typedef struct {
     int64_t target, peak, long_cap;
     double short_cum[NR_ORDERS], long_cum[NR_ORDERS], pagecache_cum[NR_ORDERS];
     double long_unmovable, long_reclaimable, short_unmovable, long_fraction;
-    int64_t free_batch;
+    int64_t free_batch, kernel_blocks;
     int zis[MAX_ZONES], nzis, nofragment;
     int cpu;
     int64_t allocations_made, frees_made;
@@ -846,6 +846,41 @@ static int churn_allocate(ChurnRun *r, const double *short_cum, double long_frac
     return 1;
 }
 
+/* Churn._kernel_burst: kernel_blocks unmovable blocks of order getrandbits(2), then in
+ * allocation order each freed on getrandbits(1), kept (long-lived) otherwise. 0 or -1. */
+static int churn_kernel_burst(ChurnRun *r) {
+    int64_t count = r->kernel_blocks;
+    if (!count) return 0;
+    int64_t *blocks = PyMem_Malloc((size_t)count * sizeof(int64_t));
+    if (!blocks) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    int64_t n = 0;
+    for (int64_t i = 0; i < count; i++) {
+        int order = (int)(mt_next(&r->rng) >> 30); /* getrandbits(2) */
+        int64_t pfn =
+            core_alloc(r->c, order, r->zis, r->nzis, r->nofragment, MIGRATE_UNMOVABLE, r->cpu);
+        if (pfn < 0) break;
+        blocks[n++] = pfn << 4 | order;
+    }
+    r->allocations_made += n;
+    int rc = 0;
+    for (int64_t i = 0; i < n; i++) {
+        if (mt_next(&r->rng) >> 31) { /* getrandbits(1) */
+            churn_free(r, blocks[i]);
+            r->frees_made++;
+        } else if (rc == 0) {
+            if (vec_push(&r->live[1], blocks[i]) < 0)
+                rc = -1; /* the rest stays allocated, as after a MemoryError in Python */
+            else
+                r->pages[1] += (int64_t)1 << (blocks[i] & 15);
+        }
+    }
+    PyMem_Free(blocks);
+    return rc;
+}
+
 static int read_cum(PyObject *seq, double *out) {
     PyObject *fast = PySequence_Fast(seq, "cumulative weights must be a sequence");
     if (!fast) return -1;
@@ -872,14 +907,20 @@ static PyObject *Core_churn_step(Core *c, PyObject *args) {
     ChurnRun r;
     memset(&r, 0, sizeof r);
     r.c = c;
-    long long short_pages, long_pages, target, peak, long_cap, free_batch;
+    long long short_pages, long_pages, target, peak, long_cap, free_batch, kernel_blocks;
     int nofragment;
-    if (!PyArg_ParseTuple(args, "LLLOOOLLLLLLOOOddddOp", &n, &steps_done, &interval,
+    if (!PyArg_ParseTuple(args, "LLLOOOLLLLLLOOOddddOpL", &n, &steps_done, &interval,
                           &rng_state, &short_arr, &long_arr, &short_pages,
                           &long_pages, &target, &peak, &long_cap, &free_batch, &short_cum,
                           &long_cum, &pc_cum, &r.long_fraction, &r.long_unmovable,
-                          &r.long_reclaimable, &r.short_unmovable, &zseq, &nofragment))
+                          &r.long_reclaimable, &r.short_unmovable, &zseq, &nofragment,
+                          &kernel_blocks))
         return NULL;
+    if (kernel_blocks < 0) {
+        PyErr_SetString(PyExc_ValueError, "kernel_blocks must be >= 0");
+        return NULL;
+    }
+    r.kernel_blocks = kernel_blocks;
     if (free_batch < 1) {
         PyErr_SetString(PyExc_ValueError, "free_batch must be >= 1");
         return NULL;
@@ -930,6 +971,10 @@ static PyObject *Core_churn_step(Core *c, PyObject *args) {
     for (long long s = 0; s < n && !failed; s++) {
         r.cpu = (int)(steps_done % cpus);
         if (interval && steps_done % interval == 0) { /* Churn._pressure_episode */
+            if (churn_kernel_burst(&r) < 0) {
+                failed = 1;
+                break;
+            }
             while (r.pages[0] + r.pages[1] < r.peak) {
                 int got = churn_allocate(&r, r.pagecache_cum, 0.0, 0);
                 if (got < 0) {

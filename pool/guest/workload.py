@@ -348,6 +348,7 @@ class Churn:
             config.short_unmovable,
             zis,
             nofragment,
+            self._kernel_blocks,
         )
         words, self._short, self._long, self.steps_done = state[:4]
         self._short_pages, self._long_pages = state[4], state[5]
