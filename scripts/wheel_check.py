@@ -50,7 +50,8 @@ from pool.guest.buddy import PageAllocator, compiled_core
 assert compiled_core() is core, "compiled_core() is not the installed extension"
 a = PageAllocator(4096, [(0, 4096)], cpus=1)
 assert a.backend == "c", a.backend
-pfn = a.alloc(3)
+pfn = a.alloc(3, ("DMA",))
+assert pfn is not None
 a.free(pfn, 3)
 a.check_invariants()
 print(pathlib.Path(core.__file__).resolve())
