@@ -529,6 +529,16 @@ FIELDS: tuple[Field, ...] = (
         "LEVEL",
     ),
     Field("daemon", "access_log", _bool, False, "log every request", "access-log", None),
+    Field(
+        "daemon",
+        "no_cache",
+        _bool,
+        False,
+        "age the guest at start-up even when the aged-guest cache "
+        "($XDG_CACHE_HOME/sharedpool/aged, pool.aged_cache) holds it",
+        "no-cache",
+        None,
+    ),
 )
 
 _BY_KEY = {f.key: f for f in FIELDS}

@@ -381,7 +381,13 @@ def pool_settings(config: Config) -> PoolSettings:
 def build(config: Config, progress: Progress | None = None) -> DaemonState:
     """A fresh state: the strategy provisioned on a new guest (pool.provision). `progress`
     sees the aging (and may raise OpenCancelled to stop it)."""
-    guests = Guests(guest_config(config), config["guest.age_steps"], progress, keep=False)
+    guests = Guests(
+        guest_config(config),
+        config["guest.age_steps"],
+        progress,
+        keep=False,
+        cache=not config["daemon.no_cache"],
+    )
     made = provision(config["pool.strategy"], guests, pool_settings(config))
     return DaemonState(made.strategy)
 

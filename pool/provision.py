@@ -12,6 +12,10 @@ boot() reserves memory gets its own pristine guest, boots, and is aged there.
 
 Used by the daemon (one strategy, one guest, nothing kept) and by the simulator's
 in-process runs and compare (many strategies, copies of one aged guest).
+
+Aging goes through the aged-guest cache (pool.aged_cache: on disk, keyed by the guest's
+state before aging, the steps and the model's version), so a configuration is aged once per
+machine, not once per run or start; ``--no-cache`` turns it off.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from collections.abc import Callable
 
 import attrs
 
+from pool import aged_cache
 from pool.guest import Counts, Guest, GuestConfig
 from pool.registry import PoolSettings, spec_for
 from pool.strategy import Strategy
@@ -31,7 +36,9 @@ Progress = Callable[[str, int, int], None]  # (what, done, total)
 class Guests:
     """Pristine and aged guests of one configuration. With `keep` (compare), the pristine
     and the aged guest are built once and every caller gets a copy (Guest.clone); without it
-    (the daemon), each call builds a fresh guest and no copy is held."""
+    (the daemon), each call builds a fresh guest and no copy is held. `cache`: the aged-guest
+    cache to age through (True: pool.aged_cache.default_cache(), which is None under
+    --no-cache; False or None: always age)."""
 
     def __init__(
         self,
@@ -40,6 +47,7 @@ class Guests:
         progress: Progress | None = None,
         *,
         keep: bool = True,
+        cache: aged_cache.AgedCache | bool | None = True,
     ) -> None:
         if age_steps < 0:
             raise ValueError(f"age steps must not be negative: {age_steps}")
@@ -50,6 +58,9 @@ class Guests:
         self._pristine: Guest | None = None
         self._aged: Guest | None = None
         self.aging_seconds = 0.0  # wall clock spent aging (timings, never a result)
+        self.cache: aged_cache.AgedCache | None = (
+            aged_cache.default_cache() if cache is True else cache or None
+        )
 
     def pristine(self) -> Guest:
         if not self.keep:
@@ -69,7 +80,7 @@ class Guests:
                 progress(f"aging ({label})", done, total)
 
             report = report_fn
-        guest.age(self.age_steps, report)
+        aged_cache.age(guest, self.age_steps, report, self.cache)
         self.aging_seconds += time.perf_counter() - t0
 
     def aged(self) -> Guest:

@@ -1,9 +1,14 @@
 """`make wheel-test`: the install users get, tried as they use it.
 
-Builds the wheel (or takes --wheel FILE), checks that it holds every tracked data file of
-the packages, installs it into a fresh virtual environment in a temporary directory
-outside the repository, and from a working directory outside the repository:
+Builds the sdist, then the wheel from that sdist (as a fresh machine with gcc and the Python
+headers would: the compiled page-allocator core, pool.guest._core, is built there), or takes
+--wheel FILE; checks that the sdist holds the extension's C source and that the wheel holds
+every tracked data file of the packages and the compiled core; installs the wheel into a
+fresh virtual environment in a temporary directory outside the repository, and from a
+working directory outside the repository:
 
+0. imports the installed package and checks that its page allocator runs on the compiled
+   core (pool.guest.buddy.compiled_core(), backend "c"), loaded from the venv;
 1. `sharedpoold --version`, `hv-netvsc-sim --version`, `python -m pool.guest --version`;
 2. starts `sharedpoold` on a temporary Unix socket (metrics on 127.0.0.1:0) and waits for
    `/readyz`;
@@ -25,6 +30,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 import urllib.request
@@ -33,6 +39,23 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("pool", "daemon", "hv_netvsc_sim")
+BUILD_REQUIRES = ("setuptools>=77", "wheel")  # pyproject.toml's [build-system] requires
+EXTENSION_SOURCES = ("pool/guest/_core.c",)
+"""C sources of the compiled core: in the sdist; the wheel holds the module built from them."""
+EXTENSION_MODULE = re.compile(r"^pool/guest/_core\.cpython-[^/]+\.so$")
+CORE_CHECK = """
+import pathlib, sys
+import pool.guest._core as core
+from pool.guest.buddy import PageAllocator, compiled_core
+assert compiled_core() is core, "compiled_core() is not the installed extension"
+a = PageAllocator(4096, [(0, 4096)], cpus=1)
+assert a.backend == "c", a.backend
+pfn = a.alloc(3, ("DMA",))
+assert pfn is not None
+a.free(pfn, 3)
+a.check_invariants()
+print(pathlib.Path(core.__file__).resolve())
+"""
 SMALL_GUEST = ["--guest-memory", "1GiB", "--age-steps", "2000"]
 
 
@@ -63,16 +86,54 @@ def tracked_data_files() -> list[str]:
     out = subprocess.run(
         ["git", "ls-files", *PACKAGES], cwd=ROOT, capture_output=True, text=True, check=True
     ).stdout.split()
-    return [f for f in out if not f.endswith((".py", ".pyc")) and Path(f).name != "README.md"]
+    return [
+        f
+        for f in out
+        if not f.endswith((".py", ".pyc"))
+        and Path(f).name != "README.md"
+        and f not in EXTENSION_SOURCES
+    ]
 
 
 def missing_from(wheel: Path) -> list[str]:
     names = set(zipfile.ZipFile(wheel).namelist())
-    return [f for f in tracked_data_files() if f not in names]
+    missing = [f for f in tracked_data_files() if f not in names]
+    if not any(EXTENSION_MODULE.match(n) for n in names):
+        missing.append("pool/guest/_core.cpython-*.so (the compiled core)")
+    return missing
 
 
-def build_wheel(python: str, out: Path) -> Path:
-    run([python, "-m", "pip", "wheel", "--quiet", "--no-deps", "-w", str(out), str(ROOT)], ROOT)
+def build_sdist(python: str, out: Path) -> Path:
+    """The sdist, by the project's build backend (setuptools' build_meta, as `python -m build
+    --sdist` calls it), with the build requirements pip installs into a scratch directory."""
+    out = out.resolve()
+    tools = out / ".build-tools"
+    run(
+        [python, "-m", "pip", "install", "--quiet", "--target", str(tools), *BUILD_REQUIRES],
+        ROOT,
+        600,
+    )
+    env = {**os.environ, "PYTHONPATH": str(tools)}
+    code = f"from setuptools import build_meta; print(build_meta.build_sdist({str(out)!r}))"
+    run([python, "-c", code], ROOT, 300, env=env)
+    shutil.rmtree(tools, ignore_errors=True)
+    sdists = sorted(out.glob("sharedpool-*.tar.gz"))
+    if not sdists:
+        raise Failed(f"no sdist was built in {out}")
+    with tarfile.open(sdists[-1]) as tar:
+        names = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n}
+    lacking = [f for f in (*EXTENSION_SOURCES, "setup.py", "pyproject.toml") if f not in names]
+    if lacking:
+        raise Failed(f"the sdist lacks {', '.join(lacking)}")
+    return sdists[-1]
+
+
+def build_wheel(python: str, out: Path, from_sdist: bool = True) -> Path:
+    """The wheel, built from the sdist (pip's isolated build: setuptools compiles the core),
+    or straight from the tree (``from_sdist`` False: the quick check of the test suite)."""
+    out = out.resolve()
+    source = build_sdist(python, out) if from_sdist else ROOT
+    run([python, "-m", "pip", "wheel", "--quiet", "--no-deps", "-w", str(out), str(source)], out)
     wheels = sorted(out.glob("sharedpool-*.whl"))
     if not wheels:
         raise Failed(f"no wheel was built in {out}")
@@ -120,6 +181,13 @@ def check(wheel: Path, python: str, content_check: bool) -> None:
         work = tmp / "work"  # an empty working directory outside the repository
         work.mkdir()
         env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+        env.pop("SHAREDPOOL_PURE_PYTHON", None)
+        env["XDG_CACHE_HOME"] = str(tmp / "cache")  # the aged-guest cache: not the user's
+        step("the page allocator runs on the compiled core of the installed wheel")
+        where = Path(run([str(bin_ / "python"), "-c", CORE_CHECK], work, env=env).strip())
+        if not where.is_relative_to(venv.resolve()):
+            raise Failed(f"pool.guest._core was loaded from {where}, not from the venv")
+        print(f"  {where}")
         step("--version of every command")
         for cmd in (
             [str(bin_ / "sharedpoold"), "--version"],
@@ -219,7 +287,8 @@ def main() -> int:
     parser.add_argument(
         "--contents-only",
         action="store_true",
-        help="only build the wheel and check its file list (seconds; the test suite's check)",
+        help="only build the wheel (from the tree, not the sdist) and check its file list "
+        "(seconds; the test suite's check)",
     )
     args = parser.parse_args()
     t0 = time.monotonic()
@@ -229,7 +298,7 @@ def main() -> int:
         for old in out.glob("sharedpool-*.whl"):
             old.unlink()  # only the wheel of this tree is left for the image
     try:
-        wheel = args.wheel or build_wheel(args.python, out)
+        wheel = args.wheel or build_wheel(args.python, out, from_sdist=not args.contents_only)
         if args.contents_only:
             missing = missing_from(wheel)
             if missing:

@@ -15,3 +15,15 @@ from pathlib import Path
 TESTS = Path(__file__).resolve().parent
 if str(TESTS) not in sys.path:
     sys.path.insert(0, str(TESTS))
+
+# The aged-guest cache (pool.aged_cache) lives in $XDG_CACHE_HOME: for the whole session (and
+# every command a test starts, which inherits the environment) that is a fresh temporary
+# directory, so tests never read or write the user's ~/.cache.
+import atexit  # noqa: E402
+import os  # noqa: E402
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
+
+_CACHE_HOME = tempfile.mkdtemp(prefix="sharedpool-test-cache-")
+os.environ["XDG_CACHE_HOME"] = _CACHE_HOME
+atexit.register(shutil.rmtree, _CACHE_HOME, True)

@@ -324,9 +324,9 @@ def test_check_invariants_catches_corruption() -> None:
     # Pretend 0 was freed without merging: two free order-3 buddies side by side.
     c._state[0] = 1 + 3
     c._list_add(0, c._buddy_list(0, MIGRATE_MOVABLE, 3))
-    c._nr_free[0][3] += 1
+    c._nr_free[0 * 11 + 3] += 1  # zone 0, order 3
     c._free_pages[0] += 8
-    c._allocated_pages -= 8
+    c._counters[0] -= 8  # allocated pages
     with pytest.raises(AssertionError, match="not merged"):
         c.check_invariants()
 

@@ -56,6 +56,22 @@ Representation (a 64 GiB guest has 16.7 M pfns, so nothing is a Python object pe
   pindex)`` are numbered by :meth:`PageAllocator._buddy_list` and ``PerCpuPages.first_list``.
   Every list operation is O(1).
 
+- Counters: ``_nr_free`` (``zone * 11 + order``), ``_free_pages`` (per zone), ``_counters``
+  (``[0]``: allocated pages) and ``_pcp_data`` (the ``PerCpuPages`` records) are int64
+  ``array('q')``, so that the compiled core below updates the same words.
+
+Two backends, one state. The methods below are the reference implementation, in Python. The
+compiled core (pool.guest._core, a C extension built by the package's build) translates the
+hot paths line by line — ``alloc``, ``free``, ``free_bulk``, ``alloc_bulk``,
+``drain_all_pages`` with everything under them (pcp lists, ``__rmqueue_fallback()`` and
+pageblock stealing, ``__free_one_page()``) and the churn's step loop
+(pool.guest.workload) — over the *same* arrays, through buffer views: queries,
+``check_invariants``, ``claim_range`` and ``clone`` stay Python and see what the core wrote.
+The backend is chosen in one place, :func:`compiled_core`/``_resolve_backend``: the core when
+it is built, unless ``backend="python"`` or ``SHAREDPOOL_PURE_PYTHON=1``; a missing core is one
+warning and the Python paths. tests/test_buddy_differential.py drives both backends with the
+same random operation sequences and asserts identical lists, counters and per-pfn states.
+
 ``alloc`` and ``free`` are O(orders) plus the pcp batch they may move. ``claim_range`` is
 O(blocks touched x orders).
 
@@ -69,11 +85,17 @@ be freed on its own with ``free(pfn, order)``.
 from __future__ import annotations
 
 import bisect
+import os
+import warnings
+import weakref
 from array import array
 from collections.abc import Iterator, Sequence
+from types import ModuleType
+from typing import Any, Literal
 
 import attrs
 import numpy as np
+import numpy.typing as npt
 
 from pool.guest.migratetype import (
     FALLBACKS,
@@ -88,6 +110,7 @@ from pool.guest.pcp import (
     NR_LOWORDER_PCP_LISTS,
     NR_PCP_LISTS,
     PAGE_ALLOC_COSTLY_ORDER,
+    PCP_FIELDS,
     PerCpuPages,
     nr_pcp_free,
     zone_batchsize,
@@ -97,10 +120,13 @@ from pool.guest.pcp import (
 from pool.guest.units import MAX_PAGE_ORDER, NR_ORDERS, PAGE_SHIFT, GiB, MiB
 
 __all__ = [
+    "PURE_PYTHON_ENV",
     "ZONE_NAMES",
+    "Backend",
     "PageAllocator",
     "Zone",
     "buddy_of",
+    "compiled_core",
     "default_zones",
     "tile_range",
 ]
@@ -118,6 +144,56 @@ _FREE_LAST = _FREE + MAX_PAGE_ORDER
 _PCP_LAST = _PCP + MAX_PAGE_ORDER
 _ALLOC_LAST = _ALLOC + MAX_PAGE_ORDER
 _MERGE_LIKELY_MAX = MAX_PAGE_ORDER - 1  # buddy_merge_likely(): false for order >= MAX_ORDER - 2
+
+# ---------------------------------------------------------------------- the backend
+
+Backend = Literal["auto", "c", "python"]
+PURE_PYTHON_ENV = "SHAREDPOOL_PURE_PYTHON"
+"""Set to 1 to run every allocator on the pure-Python reference paths."""
+
+_core_module: ModuleType | None = None
+_core_tried = False
+
+
+def compiled_core() -> ModuleType | None:
+    """The compiled core (pool.guest._core, built by the package's own build), or None when it
+    is missing, with one warning the first time: the pure-Python paths are the reference and
+    give the same results, only slower. The one place the backend is chosen."""
+    global _core_module, _core_tried
+    if not _core_tried:
+        _core_tried = True
+        try:
+            from pool.guest import _core  # type: ignore[attr-defined]
+
+            _core_module = _core
+        except ImportError as exc:
+            warnings.warn(
+                f"pool.guest._core is not built ({exc}): the page allocator runs on its "
+                "pure-Python reference paths (same results, slower)",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+    return _core_module
+
+
+def _resolve_backend(backend: Backend) -> Literal["c", "python"]:
+    if backend == "python":
+        return "python"
+    if backend == "c":
+        if compiled_core() is None:
+            raise RuntimeError("backend 'c' asked for, but pool.guest._core is not built")
+        return "c"
+    if backend != "auto":
+        raise ValueError(f"backend must be auto, c or python, not {backend!r}")
+    if os.environ.get(PURE_PYTHON_ENV, "") not in ("", "0"):
+        return "python"
+    return "c" if compiled_core() is not None else "python"
+
+
+# The compiled core of each allocator, beside it rather than in it: an allocator's attributes
+# stay plain data (arrays and numbers, which the daemon's snapshot format stores), and one
+# decoded from a snapshot or cloned gets a core on first use.
+_CORES: weakref.WeakKeyDictionary[PageAllocator, Any] = weakref.WeakKeyDictionary()
 
 
 @attrs.frozen
@@ -199,12 +275,16 @@ class PageAllocator:
         ram: Sequence[tuple[int, int]],
         zones: Sequence[Zone] | None = None,
         cpus: int = 0,
+        backend: Backend = "auto",
     ) -> None:
         """ram: [start, end) pfn ranges of usable RAM (holes are the gaps). All RAM starts free,
         put on the free lists as the kernel's memblock_free_all does (largest naturally aligned
         blocks, max order 10, never crossing a zone boundary or a hole), every pageblock
         MOVABLE. ``zones`` defaults to ``default_zones(end_pfn)``. ``cpus``: the number of CPUs
-        with per-cpu lists (0: none, a plain buddy allocator). ValueError on overlapping RAM
+        with per-cpu lists (0: none, a plain buddy allocator). ``backend``: "c" runs the hot
+        paths (alloc, free, the bulk allocator, pcp drains, the churn loop) in the compiled core
+        (pool.guest._core), "python" on the reference paths below, "auto" (default) the core
+        when it is built unless SHAREDPOOL_PURE_PYTHON=1. ValueError on overlapping RAM
         ranges, RAM outside zones or a negative CPU count."""
         if end_pfn < 1:
             raise ValueError(f"end_pfn must be positive: {end_pfn}")
@@ -235,9 +315,12 @@ class PageAllocator:
         self._pageblock_mt = bytearray([MIGRATE_MOVABLE]) * (
             (self.end_pfn + PAGEBLOCK_NR_PAGES - 1) >> PAGEBLOCK_ORDER
         )
-        self._nr_free = [[0] * NR_ORDERS for _ in self.zones]
-        self._free_pages = [0] * len(self.zones)
-        self._allocated_pages = 0
+        self.backend: Literal["c", "python"] = _resolve_backend(backend)
+        # Counters in int64 arrays (shared with the compiled core): nr_free[zone * 11 + order],
+        # free_pages[zone], counters[0] = allocated pages.
+        self._nr_free = array("q", [0]) * (len(self.zones) * NR_ORDERS)
+        self._free_pages = array("q", [0]) * len(self.zones)
+        self._counters = array("q", [0])
         self._ram_pages = sum(end - start for start, end in self._ram)
         self._managed = [0] * len(self.zones)
         for start, end in self._ram:
@@ -258,7 +341,7 @@ class PageAllocator:
                     continue
                 for pfn, order in tile_range(lo, hi):
                     self._list_add_tail(pfn, self._buddy_list(zi, MIGRATE_MOVABLE, order))
-                    self._nr_free[zi][order] += 1
+                    self._nr_free[zi * NR_ORDERS + order] += 1
                     state[pfn] = _FREE + order
                 self._free_pages[zi] += hi - lo
 
@@ -272,6 +355,7 @@ class PageAllocator:
         self._next.extend(range(self.end_pfn, size))
         self._prev.extend(range(self.end_pfn, size))
         self._low_wmark = zone_low_wmarks(self._managed)
+        self._pcp_data = array("q")
         self._pcp: list[list[PerCpuPages]] = [[] for _ in self.zones]
         self.cpus = 0
         self.setup_pcp(cpus)
@@ -284,6 +368,7 @@ class PageAllocator:
             raise ValueError(f"cpus must be >= 0, not {cpus}")
         if self.pcp_pages():
             raise ValueError("the per-cpu lists hold pages: drain_all_pages() first")
+        _CORES.pop(self, None)  # the core holds views of the arrays resized here
         base = self.end_pfn + self._nr_buddy_lists
         del self._next[base:]
         del self._prev[base:]
@@ -291,15 +376,54 @@ class PageAllocator:
         self._next.extend(range(base, size))
         self._prev.extend(range(base, size))
         first = base
+        data = array("q")
         for zi in range(len(self.zones)):
             batch = max(1, zone_batchsize(self._managed[zi]))  # zone_set_pageset_high_and_batch()
             high = zone_highsize(self._low_wmark[zi], batch, cpus) if cpus else 0
-            row = []
             for _ in range(cpus):
-                row.append(PerCpuPages(first_list=first, high=high, batch=batch))
+                data.extend((first, high, batch, 0, 0))
                 first += NR_PCP_LISTS
-            self._pcp[zi] = row
+        self._pcp_data = data
+        self._pcp_views()
         self.cpus = cpus
+
+    def _pcp_views(self) -> None:
+        """The ``PerCpuPages`` of every zone and CPU: views of their records in ``_pcp_data``."""
+        cpus = len(self._pcp_data) // (PCP_FIELDS * len(self.zones))
+        self._pcp = [
+            [PerCpuPages(self._pcp_data, (zi * cpus + cpu) * PCP_FIELDS) for cpu in range(cpus)]
+            for zi in range(len(self.zones))
+        ]
+
+    def _core(self) -> Any:
+        """The compiled core over this allocator's arrays (None on the Python backend)."""
+        if self.backend != "c":
+            return None
+        core = _CORES.get(self)
+        if core is None:
+            module = compiled_core()
+            if module is None:  # restored (snapshot) where the core is not built
+                self.backend = "python"
+                return None
+            core = module.Core(
+                self._state,
+                self._mt,
+                self._pageblock_mt,
+                self._next,
+                self._prev,
+                self._nr_free,
+                self._free_pages,
+                self._counters,
+                self._pcp_data,
+                self.end_pfn,
+                [
+                    (s, e, low)
+                    for (s, e), low in zip(self._zone_bounds, self._low_wmark, strict=True)
+                ],
+                self.cpus if self._pcp_data else 0,
+            )
+            _CORES[self] = core
+        return core
 
     # ------------------------------------------------------------------ list primitives
 
@@ -360,7 +484,7 @@ class PageAllocator:
 
     def allocated_pages(self) -> int:
         """Pages in allocated blocks (including claimed ranges; not pages on per-cpu lists)."""
-        return self._allocated_pages
+        return self._counters[0]
 
     def free_pages(self, zone: str | None = None) -> int:
         """Free pages on the buddy lists (``NR_FREE_PAGES``: not those on per-cpu lists), all
@@ -371,8 +495,10 @@ class PageAllocator:
 
     def pcp_pages(self, zone: str | None = None) -> int:
         """Pages on the per-cpu lists of every CPU, all zones (or one zone)."""
-        rows = self._pcp if zone is None else [self._pcp[self._zone_idx(zone)]]
-        return sum(pcp.count for row in rows for pcp in row)
+        data = self._pcp_data
+        if zone is None:
+            return sum(data[3::PCP_FIELDS])  # the count words
+        return sum(pcp.count for pcp in self._pcp[self._zone_idx(zone)])
 
     def pcp(self, zone: str, cpu: int = 0) -> PerCpuPages:
         """The ``per_cpu_pages`` of ``cpu`` for ``zone`` (ValueError when there is none)."""
@@ -407,7 +533,8 @@ class PageAllocator:
     def nr_free(self, zone: str) -> tuple[int, ...]:
         """Free blocks per order 0..10 in ``zone``, all migratetypes: one row of
         /proc/buddyinfo (pages on per-cpu lists are not free there)."""
-        return tuple(self._nr_free[self._zone_idx(zone)])
+        zi = self._zone_idx(zone)
+        return tuple(self._nr_free[zi * NR_ORDERS : (zi + 1) * NR_ORDERS])
 
     def nr_free_by_type(self, zone: str, migratetype: int) -> tuple[int, ...]:
         """Free blocks per order of one migratetype: one row of /proc/pagetypeinfo."""
@@ -510,6 +637,10 @@ class PageAllocator:
         if self.cpus and not 0 <= cpu < self.cpus:
             raise ValueError(f"no cpu {cpu}: this allocator has {self.cpus} with pcp lists")
         zis, nofragment = self._zonelist(zonelist)
+        core = self._core()
+        if core is not None:
+            got = core.alloc(order, zis, nofragment, migratetype, cpu)
+            return None if got < 0 else int(got)
         use_pcp = self.cpus > 0 and (order <= PAGE_ALLOC_COSTLY_ORDER or order == PAGEBLOCK_ORDER)
         drained = False
         while True:
@@ -524,7 +655,7 @@ class PageAllocator:
                     self._free_pages[zi] -= 1 << order
                 self._state[pfn] = _ALLOC + order
                 self._mt[pfn] = migratetype
-                self._allocated_pages += 1 << order
+                self._counters[0] += 1 << order
                 return pfn
             if nofragment:
                 nofragment = False  # get_page_from_freelist(): retry allowing fallbacks
@@ -553,7 +684,12 @@ class PageAllocator:
         (``goto failed``). May return fewer pages than asked, or none."""
         if nr_pages <= 0:
             return []
-        zis = self._zonelist(zonelist)[0]
+        zis, nofragment = self._zonelist(zonelist)
+        core = self._core()
+        if core is not None:
+            if not 0 <= migratetype < MIGRATE_PCPTYPES:
+                raise ValueError(f"no migratetype {migratetype}")
+            return list(core.alloc_bulk(nr_pages, zis, nofragment, migratetype, cpu))
         chosen = -1
         if nr_pages > 1 and self.cpus:
             for zi in zis:
@@ -574,7 +710,7 @@ class PageAllocator:
                 state[pfn] = _ALLOC
                 mts[pfn] = migratetype
                 pages.append(pfn)
-            self._allocated_pages += len(pages)
+            self._counters[0] += len(pages)
         if not pages:
             pfn1 = self.alloc(0, zonelist, migratetype, cpu)
             if pfn1 is not None:
@@ -593,12 +729,17 @@ class PageAllocator:
         state = self._state
         if not 0 <= pfn < self.end_pfn or state[pfn] != _ALLOC + order:
             raise ValueError(self._explain_bad_free(pfn, order))
+        use_pcp = self.cpus and (order <= PAGE_ALLOC_COSTLY_ORDER or order == PAGEBLOCK_ORDER)
+        if use_pcp and not 0 <= cpu < self.cpus:
+            raise ValueError(f"no cpu {cpu}: this allocator has {self.cpus} with pcp lists")
+        core = self._core()
+        if core is not None:
+            core.free(pfn, order, cpu)
+            return
         zi = self._zone_of(pfn)
-        self._allocated_pages -= 1 << order
+        self._counters[0] -= 1 << order
         mt = self._pageblock_mt[pfn >> PAGEBLOCK_ORDER]
-        if self.cpus and (order <= PAGE_ALLOC_COSTLY_ORDER or order == PAGEBLOCK_ORDER):
-            if not 0 <= cpu < self.cpus:
-                raise ValueError(f"no cpu {cpu}: this allocator has {self.cpus} with pcp lists")
+        if use_pcp:
             state[pfn] = _PCP + order
             self._mt[pfn] = mt  # free_unref_page_prepare(): set_pcppage_migratetype()
             self._free_unref_page_commit(zi, self._pcp[zi][cpu], pfn, mt, order)
@@ -606,9 +747,32 @@ class PageAllocator:
         state[pfn] = 0
         self._free_one_page(pfn, zi, order, mt)
 
+    def free_bulk(self, pfns: npt.NDArray[np.int64] | Sequence[int], cpu: int = 0) -> None:
+        """``free(pfn, 0, cpu)`` for every pfn in turn, in one call (``release_pages()`` /
+        ``free_unref_page_list()``, as vfree gives a vmalloc area's pages back): the compiled
+        core frees the whole list without returning to Python. Stops with ValueError at the
+        first pfn that is not an allocated order-0 block (the pages before it are freed, as
+        the loop would have)."""
+        arr = np.ascontiguousarray(pfns, dtype=np.int64)
+        core = self._core()
+        if core is None:
+            free = self.free
+            for pfn in arr.tolist():
+                free(pfn, 0, cpu)
+            return
+        if self.cpus and not 0 <= cpu < self.cpus:
+            raise ValueError(f"no cpu {cpu}: this allocator has {self.cpus} with pcp lists")
+        done = core.free_bulk(arr, cpu)
+        if done < arr.size:
+            raise ValueError(self._explain_bad_free(int(arr[done]), 0))
+
     def drain_all_pages(self) -> None:
         """``drain_all_pages(NULL)``: every CPU's pcp lists of every zone back to the buddy
         lists (``drain_pages_zone()`` = ``free_pcppages_bulk(zone, pcp->count, pcp, 0)``)."""
+        core = self._core()
+        if core is not None:
+            core.drain_all_pages()
+            return
         for zi, row in enumerate(self._pcp):
             for pcp in row:
                 if pcp.count:
@@ -644,7 +808,8 @@ class PageAllocator:
         end = self.end_pfn
         base = end + (zi * MIGRATE_PCPTYPES + mt) * NR_ORDERS
         nxt, prv = self._next, self._prev
-        nr_free = self._nr_free[zi]
+        nr_free = self._nr_free
+        nf = zi * NR_ORDERS
         state = self._state
         for current in range(order, NR_ORDERS):
             head = base + current
@@ -654,7 +819,7 @@ class PageAllocator:
             n = nxt[pfn]  # del_page_from_free_list()
             nxt[head] = n
             prv[n] = head
-            nr_free[current] -= 1
+            nr_free[nf + current] -= 1
             while current > order:  # expand()
                 current -= 1
                 upper = pfn + (1 << current)
@@ -664,7 +829,7 @@ class PageAllocator:
                 prv[upper] = lhead
                 prv[first] = upper
                 nxt[lhead] = upper
-                nr_free[current] += 1
+                nr_free[nf + current] += 1
                 state[upper] = _FREE + current
             state[pfn] = 0
             self._mt[pfn] = mt  # set_pcppage_migratetype()
@@ -685,7 +850,7 @@ class PageAllocator:
     def _find_suitable_fallback(self, zi: int, order: int, mt: int) -> tuple[int, bool]:
         """``find_suitable_fallback(area, order, mt, only_stealable=false)``: the first type of
         ``fallbacks[mt]`` with a free block of ``order``, and ``can_steal_fallback()``."""
-        if not self._nr_free[zi][order]:
+        if not self._nr_free[zi * NR_ORDERS + order]:
             return -1, False
         nxt = self._next
         for fallback_mt in FALLBACKS[mt]:
@@ -796,7 +961,8 @@ class PageAllocator:
         likely merge soon), else at the head. The zone's free counter rises by the block."""
         state = self._state
         zone_start, zone_end = self._zone_bounds[zi]
-        nr_free = self._nr_free[zi]
+        nr_free = self._nr_free
+        nf = zi * NR_ORDERS
         nxt, prv = self._next, self._prev
         self._free_pages[zi] += 1 << order
         while order < MAX_PAGE_ORDER:
@@ -806,12 +972,12 @@ class PageAllocator:
             n, p = nxt[buddy], prv[buddy]  # del_page_from_free_list(buddy)
             nxt[p] = n
             prv[n] = p
-            nr_free[order] -= 1
+            nr_free[nf + order] -= 1
             state[buddy] = 0
             pfn &= ~(1 << order)
             order += 1
         state[pfn] = _FREE + order
-        nr_free[order] += 1
+        nr_free[nf + order] += 1
         head = self.end_pfn + (zi * MIGRATE_PCPTYPES + mt) * NR_ORDERS + order
         if not to_tail and order < _MERGE_LIKELY_MAX:  # buddy_merge_likely()
             higher_buddy = (pfn & ~(1 << order)) ^ (1 << (order + 1))
@@ -987,7 +1153,7 @@ class PageAllocator:
         for head, order in blocks:
             zi = self._zone_of(head)
             self._list_del(head)
-            self._nr_free[zi][order] -= 1
+            self._nr_free[zi * NR_ORDERS + order] -= 1
             state[head] = 0
             self._free_pages[zi] -= 1 << order
             block_end = head + (1 << order)
@@ -998,7 +1164,7 @@ class PageAllocator:
         for pfn, order in self.claimed_blocks(start_pfn, npages):
             state[pfn] = _ALLOC + order
             self._mt[pfn] = MIGRATE_UNMOVABLE
-            self._allocated_pages += 1 << order
+            self._counters[0] += 1 << order
         return True
 
     def claimed_blocks(self, start_pfn: int, npages: int) -> list[tuple[int, int]]:
@@ -1073,8 +1239,8 @@ class PageAllocator:
             f"blocks cover {covered} pages, RAM has {self._ram_pages}: pages lost or invented"
         )
         allocated = int(sizes[alloc_mask].sum())
-        assert allocated == self._allocated_pages, (
-            f"allocated counter {self._allocated_pages} != {allocated} pages in allocated blocks"
+        assert allocated == self._counters[0], (
+            f"allocated counter {self._counters[0]} != {allocated} pages in allocated blocks"
         )
         # Buddy lists against the state array, and the links of every list.
         seen = np.zeros(self.end_pfn, dtype=np.bool_)
@@ -1095,9 +1261,9 @@ class PageAllocator:
                         assert not seen[pfn], f"pfn {pfn} is on two lists"
                         seen[pfn] = True
                         n += 1
-                assert n == counts[order] == self._nr_free[z][order], (
+                assert n == counts[order] == self._nr_free[z * NR_ORDERS + order], (
                     f"zone {zone.name} order {order}: lists hold {n} blocks, nr_free says "
-                    f"{self._nr_free[z][order]}, state has {counts[order]} free heads"
+                    f"{self._nr_free[z * NR_ORDERS + order]}, state has {counts[order]} free heads"
                 )
                 pages += n << order
                 listed_free += n
@@ -1166,6 +1332,7 @@ class PageAllocator:
         other.end_pfn = self.end_pfn
         other.zones = self.zones
         other.cpus = self.cpus
+        other.backend = self.backend
         other._ram = list(self._ram)
         other._ram_starts = list(self._ram_starts)
         other._zone_index = dict(self._zone_index)
@@ -1174,9 +1341,9 @@ class PageAllocator:
         other._state = bytearray(self._state)
         other._mt = bytearray(self._mt)
         other._pageblock_mt = bytearray(self._pageblock_mt)
-        other._nr_free = [list(row) for row in self._nr_free]
-        other._free_pages = list(self._free_pages)
-        other._allocated_pages = self._allocated_pages
+        other._nr_free = self._nr_free[:]
+        other._free_pages = self._free_pages[:]
+        other._counters = self._counters[:]
         other._ram_pages = self._ram_pages
         other._managed = list(self._managed)
         other._nofragment = self._nofragment
@@ -1185,7 +1352,8 @@ class PageAllocator:
         other._next = self._next[:]
         other._prev = self._prev[:]
         other._low_wmark = list(self._low_wmark)
-        other._pcp = [[attrs.evolve(pcp) for pcp in row] for row in self._pcp]
+        other._pcp_data = self._pcp_data[:]
+        other._pcp_views()
         return other
 
     # ------------------------------------------------------------------ internals
@@ -1232,7 +1400,7 @@ class PageAllocator:
         pbm = self._pageblock_mt
         for pfn, order in tile_range(start_pfn, end_pfn):
             self._list_add(pfn, self._buddy_list(zi, pbm[pfn >> PAGEBLOCK_ORDER], order))
-            self._nr_free[zi][order] += 1
+            self._nr_free[zi * NR_ORDERS + order] += 1
             state[pfn] = _FREE + order
         self._free_pages[zi] += end_pfn - start_pfn
 

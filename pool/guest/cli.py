@@ -16,6 +16,7 @@ from typing import Any
 
 import attrs
 
+from pool import aged_cache
 from pool.guest.buddy import default_zones
 from pool.guest.buddyimport import allocator_from_buddyinfo, buddyinfo_rows
 from pool.guest.directmap import DirectMap
@@ -62,7 +63,7 @@ def _demo(args: argparse.Namespace) -> int:
             f"pristine {format_size(args.guest_memory)} {args.platform} guest (seed {args.seed})",
         )
     )
-    guest.age(args.age_steps, progress_printer("aging"))
+    aged_cache.age(guest, args.age_steps, progress_printer("aging"), aged_cache.default_cache())
     print()
     print(render(guest.report(), f"after {args.age_steps:,} churn steps"))
     print(f"\n({time.perf_counter() - t0:.1f} s)")
@@ -189,7 +190,12 @@ def _export(args: argparse.Namespace) -> int:
         raise ValueError("export needs --ptdump OUT and/or --buddyinfo OUT")
     config = GuestConfig(memory_bytes=args.guest_memory, platform=args.platform, seed=args.seed)
     guest = Guest(config)
-    guest.age(args.age_steps, progress_printer("aging") if args.age_steps else None)
+    aged_cache.age(
+        guest,
+        args.age_steps,
+        progress_printer("aging") if args.age_steps else None,
+        aged_cache.default_cache(),
+    )
     if args.ptdump:
         _write(args.ptdump, format_ptdump(guest.direct_map, args.page_offset))
     if args.buddyinfo:

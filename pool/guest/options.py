@@ -103,6 +103,33 @@ def add_guest_arguments(
         metavar="N",
         help=f"background churn steps aging the guest (default {age_steps:,}; 0 = pristine)",
     )
+    parser.add_argument(
+        "--no-cache",
+        action=_NoCacheAction,
+        help="age every guest, not reusing aged guests cached in "
+        "$XDG_CACHE_HOME/sharedpool/aged (pool.aged_cache)",
+    )
+
+
+class _NoCacheAction(argparse.Action):
+    """--no-cache: sets ``no_cache`` and turns the aged-guest cache off for the process
+    (pool.aged_cache.disable), so that every place that ages, however deep, sees it."""
+
+    def __init__(self, option_strings: list[str], dest: str, **kwargs: Any) -> None:
+        kwargs.setdefault("default", False)
+        super().__init__(option_strings, dest, nargs=0, **kwargs)
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: object,
+        option_string: str | None = None,
+    ) -> None:
+        from pool import aged_cache
+
+        aged_cache.disable()
+        setattr(namespace, self.dest, True)
 
 
 def check_guest_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:

@@ -28,6 +28,7 @@ watermark, as ``__alloc_pages_bulk()`` does).
 from __future__ import annotations
 
 import math
+from array import array
 from collections.abc import Sequence
 
 import attrs
@@ -39,6 +40,7 @@ __all__ = [
     "NR_LOWORDER_PCP_LISTS",
     "NR_PCP_LISTS",
     "PAGE_ALLOC_COSTLY_ORDER",
+    "PCP_FIELDS",
     "PerCpuPages",
     "min_free_kbytes",
     "nr_pcp_free",
@@ -129,16 +131,70 @@ def zone_low_wmarks(managed: Sequence[int], thp: bool = True) -> list[int]:
     return out
 
 
-@attrs.define
+PCP_FIELDS = 5
+"""int64 words per ``PerCpuPages`` record: first_list, high, batch, count, free_factor."""
+
+
+@attrs.define(eq=False)
 class PerCpuPages:
     """``struct per_cpu_pages`` of one CPU for one zone: the counters (the 13 lists themselves
-    are list heads in the page allocator's link arrays, numbered from ``first_list``)."""
+    are list heads in the page allocator's link arrays, numbered from ``first_list``).
 
-    first_list: int  # list id of pindex 0; pindex i is first_list + i
-    high: int
-    batch: int
-    count: int = 0
-    free_factor: int = 0
+    The counters live in one ``array('q')`` record of ``PCP_FIELDS`` words shared with the
+    page allocator (every zone's and CPU's records in one array, so that the compiled core,
+    pool.guest._core, reads and writes the same words as this class): ``data[index:index+5]``.
+    :meth:`new` makes a record of its own."""
+
+    data: array[int] = attrs.field(repr=False)
+    index: int = 0
+
+    @classmethod
+    def new(
+        cls, first_list: int, high: int, batch: int, count: int = 0, free_factor: int = 0
+    ) -> PerCpuPages:
+        return cls(array("q", [first_list, high, batch, count, free_factor]), 0)
+
+    @property
+    def first_list(self) -> int:  # list id of pindex 0; pindex i is first_list + i
+        return self.data[self.index]
+
+    @property
+    def high(self) -> int:
+        return self.data[self.index + 1]
+
+    @high.setter
+    def high(self, value: int) -> None:
+        self.data[self.index + 1] = value
+
+    @property
+    def batch(self) -> int:
+        return self.data[self.index + 2]
+
+    @batch.setter
+    def batch(self, value: int) -> None:
+        self.data[self.index + 2] = value
+
+    @property
+    def count(self) -> int:
+        return self.data[self.index + 3]
+
+    @count.setter
+    def count(self, value: int) -> None:
+        self.data[self.index + 3] = value
+
+    @property
+    def free_factor(self) -> int:
+        return self.data[self.index + 4]
+
+    @free_factor.setter
+    def free_factor(self, value: int) -> None:
+        self.data[self.index + 4] = value
+
+    def as_tuple(self) -> tuple[int, int, int, int, int]:
+        """(first_list, high, batch, count, free_factor)."""
+        i = self.index
+        d = self.data
+        return d[i], d[i + 1], d[i + 2], d[i + 3], d[i + 4]
 
 
 def nr_pcp_free(pcp: PerCpuPages, high: int, batch: int, free_high: bool) -> int:

@@ -297,6 +297,10 @@ class Churn:
         if n < 0:
             raise ValueError(f"n must be >= 0, not {n}")
         interval = self.config.pressure_interval if pressure else 0
+        core = self.allocator._core()
+        if core is not None:
+            self._step_compiled(core, n, interval)
+            return
         long_fraction = self.config.long_fraction
         short_cum = self._short_cum
         target = self._target
@@ -311,6 +315,49 @@ class Churn:
             while self._short_pages + self._long_pages > target:
                 free_one(False)
             self.steps_done += 1
+
+    def _step_compiled(self, core: Any, n: int, interval: int) -> None:
+        """:meth:`step` in the allocator's compiled core (pool.guest._core ``churn_step``): the
+        same loop, the same Mersenne Twister stream (the RNG's state goes in and comes back
+        through ``getstate``/``setstate``), the same live-allocation arrays; tested against
+        the Python loop by tests/test_buddy_differential.py."""
+        if n == 0:
+            return
+        config = self.config
+        version, words, gauss = self._rng.getstate()
+        zis, nofragment = self.allocator._zonelist(config.zonelist)
+        state, error = core.churn_step(
+            n,
+            self.steps_done,
+            interval,
+            words,
+            self._short,
+            self._long,
+            self._short_pages,
+            self._long_pages,
+            self._target,
+            self._peak,
+            self._long_cap,
+            config.free_batch,
+            self._short_cum,
+            self._long_cum,
+            self._pagecache_cum,
+            config.long_fraction,
+            config.long_unmovable,
+            config.long_reclaimable,
+            config.short_unmovable,
+            zis,
+            nofragment,
+            self._kernel_blocks,
+        )
+        words, self._short, self._long, self.steps_done = state[:4]
+        self._short_pages, self._long_pages = state[4], state[5]
+        self.allocations_made += state[6]
+        self.frees_made += state[7]
+        self._cpu = state[8]
+        self._rng.setstate((version, words, gauss))
+        if error is not None:
+            raise error  # the loop's RuntimeError (or a MemoryError), state stored above
 
     def clone(self, allocator: PageAllocator) -> Churn:
         """The same churn (live allocations, RNG state, step count) bound to ``allocator``, which
