@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 
 .PHONY: install run test lint typecheck pytest bench clean test-all wheel-test
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml setup.py pool/guest/_core.c
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
