@@ -3,7 +3,8 @@
   hv-netvsc-sim run [--strategy NAME] [--nics N] [--cycles M] [--seed S] [--json]
                     [--daemon URL] [--pace SECONDS] [guest and scenario options]
   hv-netvsc-sim compare [--guest-memory 16GiB] [--cycles N] [--seed S] [--age-steps N]
-                        [--platform tdx|snp|none] [--json] [--plot FILE.png] [--map DIR]
+                        [--platform tdx|snp|hyperv-vtom|none] [--json] [--plot FILE.png]
+                        [--map DIR]
 
 Exit status: 0 on success, 1 when the run could not be done (the daemon unreachable),
 2 on bad input (argparse's usage message, never a traceback), 130 when interrupted.

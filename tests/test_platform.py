@@ -99,12 +99,57 @@ def test_shared_to_private_accepts_every_page():
     assert (stats.accept_calls_2m, stats.accept_calls_4k) == (2, 1)
 
 
-def test_snp_batches_253_entries_per_request():
+def test_snp_batches_64_entries_per_vmgexit():
+    """VMGEXIT_PSC_MAX_ENTRY = 64: 4096 scattered pages are 4096 entries, 64 VMGEXITs (not
+    the protocol's 253, which would be 17)."""
     stats = GuestStats()
     p = Platform("snp", PAGES_PER_1G, stats, CostProfile.load("snp"), SimulatedHost())
     runs = [(i * 2, 1) for i in range(4096)]  # scattered pages: 4096 entries
     r = p.convert(runs, to_shared=True)
-    assert r.ok and r.hypercalls == -(-4096 // 253) == 17
+    assert r.ok and r.hypercalls == 4096 // 64 == 64
+    # a 2 MiB-aligned whole 2 MiB is one entry: 65 such pieces are 2 VMGEXITs
+    r = p.convert([(PAGES_PER_2M * 2, 65 * PAGES_PER_2M)], to_shared=True)
+    assert r.hypercalls == 2
+
+
+def test_vtom_batches_510_pfns_per_hypercall():
+    """HV_MAX_MODIFY_GPA_REP_COUNT = 510: 4096 scattered pages -> ceil(4096 / 510) = 9
+    calls (8 full of 510, one of 16); a contiguous range is a PFN per page as well."""
+    stats = GuestStats()
+    host = ScriptedHost(deque())
+    p = Platform("hyperv-vtom", PAGES_PER_1G, stats, CostProfile.load("hyperv-vtom"), host)
+    runs = [(i * 2, 1) for i in range(4096)]
+    r = p.convert(runs, to_shared=True)
+    assert r.ok and r.hypercalls == 9
+    assert [n for _, n, _ in host.calls] == [510] * 8 + [16]
+    assert (p.state[0:8192:2] == PAGE_SHARED).all()
+    r = p.convert([(PAGES_PER_2M * 4, 1020)], to_shared=False)  # 1020 contiguous: 2 calls
+    assert r.hypercalls == 2 and stats.pages_accepted == 1020
+    # hand-worked cost: 2 calls x 12 us + 1020 pages validated by the paravisor x 1 us
+    assert abs(r.modeled_seconds - (2 * 12e-6 + 1020 * 1e-6)) < 1e-12
+
+
+def test_vtom_failure_leaves_the_failing_call_unknown():
+    host = ScriptedHost(deque([HostAnswer("ok"), ERROR]))
+    stats = GuestStats()
+    p = Platform("hyperv-vtom", PAGES_PER_1G, stats, CostProfile.load("hyperv-vtom"), host)
+    r = p.convert([(0, 1500)], to_shared=True)
+    assert not r.ok and r.unknown_pages == 510
+    assert (p.state[:510] == PAGE_SHARED).all()
+    assert (p.state[510:1020] == PAGE_UNKNOWN).all()
+    assert (p.state[1020:1500] == PAGE_PRIVATE).all()
+
+
+def test_registry_is_the_one_list():
+    """Every registered platform has a cost section and vice versa; the command lines'
+    choices are the registry's."""
+    from pool.guest.costs import profile_platforms
+    from pool.guest.options import PLATFORMS as OPTION_PLATFORMS
+    from pool.guest.platform import PLATFORM_SPECS, PLATFORMS
+
+    assert set(profile_platforms()) == set(PLATFORM_SPECS)
+    assert OPTION_PLATFORMS == PLATFORMS
+    assert "hyperv-vtom" in PLATFORMS
 
 
 def test_fault_plan_fail_call_k_and_rate_are_reproducible():

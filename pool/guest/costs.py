@@ -3,6 +3,10 @@
 Counts are the model's primary output; modeled time is counts times these
 figures. The shipped defaults (costs.toml, each with its source) are orders of
 magnitude only; users pass their own measured file.
+
+The platforms are pool.guest.platform's registry (PLATFORM_SPECS); costs.toml has one
+section per platform (a test checks both lists agree). This module reads the sections
+rather than importing the registry, because the platform imports the cost profile.
 """
 
 from __future__ import annotations
@@ -13,7 +17,10 @@ from pathlib import Path
 
 import attrs
 
-PLATFORMS = ("none", "tdx", "snp")
+
+def _defaults() -> dict[str, dict[str, float]]:
+    text = resources.files("pool.guest").joinpath("costs.toml").read_text()
+    return {k: dict(v) for k, v in tomllib.loads(text).items() if isinstance(v, dict)}
 
 
 @attrs.frozen
@@ -30,12 +37,12 @@ class CostProfile:
     @classmethod
     def load(cls, platform: str, path: str | Path | None = None) -> CostProfile:
         """The profile for `platform`: the shipped defaults, overridden key by key by `path`."""
-        if platform not in PLATFORMS:
+        defaults = _defaults()
+        if platform not in defaults:
             raise ValueError(
-                f"unknown platform {platform!r}: expected one of {', '.join(PLATFORMS)}"
+                f"unknown platform {platform!r}: expected one of {', '.join(defaults)}"
             )
-        text = resources.files("pool.guest").joinpath("costs.toml").read_text()
-        table = dict(tomllib.loads(text)[platform])
+        table = dict(defaults[platform])
         if path is not None:
             try:
                 user = tomllib.loads(Path(path).read_text())
@@ -51,3 +58,12 @@ class CostProfile:
                     raise ValueError(f"cost profile {path}: {platform}.{key} must be a number >= 0")
                 table[key] = float(value)
         return cls(**{k: float(v) for k, v in table.items()})
+
+    def as_json(self) -> dict[str, float]:
+        """The profile's figures by key (compare's config reports the profile in force)."""
+        return attrs.asdict(self)
+
+
+def profile_platforms() -> tuple[str, ...]:
+    """The platforms costs.toml has a section for (checked against the registry)."""
+    return tuple(_defaults())

@@ -1,18 +1,25 @@
 """The conversion sequence: __set_memory_enc_pgtable() in arch/x86/mm/pat/set_memory.c.
 
 set_memory.c keeps it beside the rule that decides which direct-map leaves split
-(pool.guest.directmap); so does the model. For one range, or one vmalloc area's pages:
+(pool.guest.directmap); so does the model. For one range, or one vmalloc area's pages, the
+steps follow the platform's x86_platform.guest callbacks (pool.guest.platform.PlatformSpec):
 
-  1. flush TLB, and caches for every page where the platform requires it;
-  2. shared -> private only: MapGPA and accept (x86_platform.guest.enc_status_change_prepare);
+  1. if enc_tlb_flush_required(): flush TLB, and caches for every page where
+     enc_cache_flush_required();
+  2. enc_status_change_prepare(): the hypercalls of the directions the platform converts
+     first (TDX: shared -> private, MapGPA and accept; SNP: private -> shared, the
+     page-state change and PVALIDATE rescind); on vTOM, set_memory_np() of the range
+     (hv_vtom_clear_present(), Linux 6.9: one more TLB flush);
   3. change the page tables (`change_tables`: direct-map leaves keep or split; vmalloc PTEs,
      and with alias processing the pages' direct-map aliases one by one);
-  4. flush TLB again;
-  5. private -> shared only: MapGPA (x86_platform.guest.enc_status_change_finish).
+  4. flush TLB again (cpa_flush, always);
+  5. enc_status_change_finish(): the other direction's hypercalls (TDX: private -> shared;
+     SNP: shared -> private and PVALIDATE; vTOM: both directions, the visibility
+     hypercalls, then set_memory_p(): one more TLB flush).
 
-This order guarantees that no private mapping ever points at a shared page. If the
-hypercalls of step 2 fail (vmm_fail), the page tables are left untouched and the pages'
-state is unknown: the caller must leak them.
+If the hypercalls of step 2 fail (vmm_fail), the page tables are left untouched and the
+pages' state is unknown: the caller must leak them. On vTOM set_memory_np() splits the same
+leaves the attribute change would, so the splits are counted once, at step 3.
 
 Every step is counted in the guest's stats and costed from its cost profile; the result
 carries the hypercalls and the modeled seconds of this one conversion. Pure functions of
@@ -69,23 +76,28 @@ def set_memory_enc_pgtable(
     not encrypt."""
     if not platform.encrypts:
         return ConversionResult(True, npages, 0, 0.0)
+    spec = platform.spec
     before = stats.modeled_conversion_seconds
     calls_before = stats.hypercalls
     if to_shared:
         stats.conversions_to_shared += 1
     else:
         stats.conversions_to_private += 1
-    flush(stats, costs, platform, npages, caches=True)
+    if spec.tlb_flush_before:
+        flush(stats, costs, platform, npages, caches=True)
     result = None
-    if not to_shared:
-        result = hypercalls(False)
+    if spec.clears_present:  # set_memory_np(): its own cpa_flush
+        flush(stats, costs, platform, npages, caches=False)
+    if to_shared in spec.prepare_directions:
+        result = hypercalls(to_shared)
         if not result.ok:  # vmm_fail: page tables untouched, pages unknown
             return _result(stats, result, before, calls_before)
     charge_splits(stats, costs, change_tables())
     flush(stats, costs, platform, npages, caches=False)
-    if to_shared:
-        result = hypercalls(True)
-    assert result is not None
+    if result is None:
+        result = hypercalls(to_shared)
+    if spec.clears_present:  # set_memory_p(), even after a failed call (err_set_memory_p)
+        flush(stats, costs, platform, npages, caches=False)
     return _result(stats, result, before, calls_before)
 
 

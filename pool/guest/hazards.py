@@ -5,6 +5,14 @@ access, even load_unaligned_zeropad() reading past the end of the previous page,
 raises an unrecoverable fault. A shared mapping to a private page only raises a
 recoverable fault. Pages of unknown state (a failed conversion) are counted
 apart: whatever maps them, they must never be reused.
+
+These are the *permanent* hazards: what the mappings say once every conversion has
+finished. They are fatal on every encrypting platform, Hyper-V's vTOM included: a private
+direct-map alias of a shared page stays fatal there. The *transition* is another matter
+(`transition_hazard`): while a conversion is in flight the page state and its mappings
+disagree by construction, and a stray load_unaligned_zeropad() can land in the window; the
+kernel has a fixup for it on each platform it supports, which is why the model counts no
+hazard for the window.
 """
 
 from __future__ import annotations
@@ -16,7 +24,7 @@ import numpy as np
 import numpy.typing as npt
 
 from pool.guest.directmap import PRIVATE, SHARED
-from pool.guest.platform import PAGE_PRIVATE, PAGE_SHARED, PAGE_UNKNOWN
+from pool.guest.platform import PAGE_PRIVATE, PAGE_SHARED, PAGE_UNKNOWN, PlatformSpec
 
 if TYPE_CHECKING:
     from pool.guest.machine import Guest
@@ -38,6 +46,19 @@ class HazardReport:
             "shared_alias_to_private": self.shared_alias_to_private,
             "unknown_state": self.unknown_state_pages,
         }
+
+
+def transition_hazard(spec: PlatformSpec) -> str:
+    """What a stray load_unaligned_zeropad() into a page in transition meets: "not present"
+    where the platform marks the range not present for the transition (vTOM since Linux
+    6.9, hv_vtom_clear_present(): an ordinary #PF, fixed up like any other, and never the
+    #VC/#VE that a paravisor would swallow), "recoverable" where the platform's own
+    exception handler fixes it up (TDX #VE, SNP #VC without a paravisor), "none" without
+    encryption. Never "fatal" for a kernel the model follows: the fatal hazards are the
+    permanent ones that `check` counts."""
+    if not spec.encrypts:
+        return "none"
+    return "not present" if spec.clears_present else "recoverable"
 
 
 def _masks(guest: Guest) -> tuple[npt.NDArray[np.bool_], npt.NDArray[np.bool_]]:

@@ -37,6 +37,7 @@ from pool.guest.platform import (
     Host,
     Platform,
     SimulatedHost,
+    platform_spec,
 )
 from pool.guest.stats import Counts, GuestStats
 from pool.guest.units import NR_ORDERS, PAGE_SHIFT, PAGE_SIZE, PAGES_PER_2M, GiB, MiB, format_size
@@ -122,8 +123,7 @@ class GuestConfig:
             lo, hi = self.hole
             if not (0 < lo < hi and lo % (2 * MiB) == 0 and hi % (2 * MiB) == 0):
                 raise ValueError(f"hole must be 2 MiB-aligned and lo < hi: {self.hole}")
-        if self.platform not in ("none", "tdx", "snp"):
-            raise ValueError(f"unknown platform {self.platform!r}: expected none, tdx or snp")
+        platform_spec(self.platform)  # the registry's one message for an unknown platform
 
     def ram_ranges(self) -> list[tuple[int, int]]:
         """RAM as pfn ranges: memory below the hole, the rest above it."""

@@ -4,8 +4,8 @@ set of bounds and one message each.
 `sharedpoold` (daemon.config), `hv-netvsc-sim` and `python -m pool.guest` all describe the
 simulated machine with the same options: guest memory, platform, seed, aging steps. The
 rules are the model's (pool.guest.machine: check_memory, check_aging; the platforms of
-pool.guest.costs); this module parses the text and wraps them for argparse. Every refusal
-is a one-line ValueError message, which each command line prints after its own prefix,
+pool.guest.platform's registry); this module parses the text and wraps them for argparse.
+Every refusal is a one-line ValueError message, which each command line prints after its own prefix,
 exit status 2.
 
 The bounds: memory a size (``16GiB``, ``4096``...), a multiple of 4 MiB, 16 MiB to 1 TiB;
@@ -18,8 +18,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from pool.guest.costs import PLATFORMS
 from pool.guest.machine import check_aging, check_memory
+from pool.guest.platform import PLATFORMS
 from pool.guest.units import parse_size
 
 __all__ = [
@@ -92,7 +92,12 @@ def add_guest_arguments(
         metavar="SIZE",
         help=f"guest RAM (default {memory}; a 3-4 GiB PCI hole is modeled)",
     )
-    parser.add_argument("--platform", choices=PLATFORMS, default="tdx")
+    parser.add_argument(
+        "--platform",
+        choices=PLATFORMS,
+        default="tdx",
+        help=f"confidential-computing platform (default tdx; one of {', '.join(PLATFORMS)})",
+    )
     parser.add_argument(
         "--seed", type=non_negative_arg("--seed"), default=1, metavar="S", help=seed_help
     )

@@ -8,15 +8,31 @@ page, greedily in 1 GiB, 2 MiB and 4 KiB pieces by alignment and remaining lengt
 (try_accept_one). vmalloc ranges are converted one page at a time (the kernel's
 tdx_enc_status_changed() steps page by page for vmalloc addresses).
 
-SNP (arch/x86/kernel/sev.c): page-state changes are batched, up to 253 entries per
-GHCB request, a 2 MiB entry where the range is 2 MiB aligned, even across the
-scattered pages of a vmalloc range; every entry is PVALIDATEd (rescinded before
-private -> shared, validated after shared -> private). The real kernel terminates
-the guest when a page-state change fails; the model leaves the pages in an unknown
-state, as on TDX, so fault injection stays comparable.
+SNP (arch/x86/kernel/sev.c, __set_pages_state()): page-state changes are batched,
+up to VMGEXIT_PSC_MAX_ENTRY = 64 entries per VMGEXIT (arch/x86/include/asm/sev.h;
+253, VMGEXIT_PSC_MAX_COUNT, is the GHCB protocol's limit that hypervisors accept, not
+what the guest kernel sends), a 2 MiB entry where the range is 2 MiB aligned and whole,
+else 4 KiB entries; every entry is PVALIDATEd (rescinded before private -> shared,
+validated after shared -> private). The real kernel terminates the guest when a
+page-state change fails; the model leaves the pages in an unknown state, as on TDX, so
+fault injection stays comparable.
+
+Hyper-V with a paravisor (vTOM; arch/x86/hyperv/ivm.c, hv_vtom_set_host_visibility()):
+the guest hands the paravisor a list of PFNs, HvCallModifySparseGpaPageHostVisibility
+with up to HV_MAX_MODIFY_GPA_REP_COUNT = 510 PFNs per call, one PFN per 4 KiB page
+whether the range is contiguous or not (a vmalloc range is walked with
+slow_virt_to_phys()). The paravisor does the platform's own work (page-state change,
+PVALIDATE or accept) inside the call: the model counts it as one validation per page
+(accept_calls_4k) at the profile's per-page cost. Since Linux 6.9
+(hv_vtom_clear_present()) the pages are marked not present for the whole transition, so
+a stray load_unaligned_zeropad() takes the ordinary #PF fixup (pool.guest.hazards).
 
 `none`: no conversion at all (set_memory_decrypted is a no-op without
 CC_ATTR_MEM_ENCRYPT), so no hypercalls and no direct-map splits.
+
+Which platform does what is written once, in PLATFORM_SPECS (PlatformSpec): the
+conversion sequence (pool.guest.encpgtable), the command lines' --platform choices
+(pool.guest.options) and the cost profile's sections (pool.guest.costs) all follow it.
 
 A failed conversion leaves the pages of the failing call in an UNKNOWN state:
 callers must leak them, never give them back to the page allocator.
@@ -42,7 +58,87 @@ PAGE_SHARED = 1
 PAGE_UNKNOWN = 2
 
 MAX_RETRIES_WITHOUT_PROGRESS = 3  # tdx_map_gpa(): max_retries_per_page
-SNP_PSC_ENTRIES = 253  # VMGEXIT_PSC_MAX_ENTRY
+SNP_PSC_ENTRIES = 64  # VMGEXIT_PSC_MAX_ENTRY (arch/x86/include/asm/sev.h)
+SNP_PSC_PROTOCOL_MAX = 253  # VMGEXIT_PSC_MAX_COUNT: the GHCB protocol's limit (hypervisors)
+HV_MAX_MODIFY_GPA_REP_COUNT = 510  # arch/x86/hyperv/ivm.c: PFNs per visibility hypercall
+
+
+@attrs.frozen
+class PlatformSpec:
+    """What one platform's set_memory_{en,de}crypted() does, as x86_platform.guest's
+    callbacks say (arch/x86/kernel/x86_init.c and each platform's init).
+
+    encrypts: CC_ATTR_MEM_ENCRYPT (False: set_memory_decrypted is a no-op).
+    cache_flush_required: enc_cache_flush_required() (TDX true; SNP is SME_COHERENT;
+      hv_vtom_cache_flush_required() false).
+    tlb_flush_before: enc_tlb_flush_required(): the flush before the change
+      (hv_vtom_tlb_flush_required() false since 6.9: hv_vtom_clear_present() flushed).
+    prepare_directions: the directions (to_shared values) whose hypercalls run in
+      enc_status_change_prepare(), before the page tables change; the others run in
+      enc_status_change_finish(), after. TDX: shared -> private first
+      (tdx_enc_status_change_prepare); SNP: private -> shared first
+      (amd_enc_status_change_prepare, snp_set_memory_shared); vTOM: both after.
+    clears_present: prepare marks the range not present (set_memory_np, a TLB flush) and
+      finish marks it present again (set_memory_p, another flush): Linux 6.9 x86/hyperv.
+    stray_load_fixup: what a stray load_unaligned_zeropad() into a page in transition
+      meets (pool.guest.hazards.transition_hazard).
+    """
+
+    name: str
+    encrypts: bool
+    cache_flush_required: bool
+    tlb_flush_before: bool
+    prepare_directions: frozenset[bool]
+    clears_present: bool
+    stray_load_fixup: str
+    source: str
+
+
+PLATFORM_SPECS: dict[str, PlatformSpec] = {
+    spec.name: spec
+    for spec in (
+        PlatformSpec("none", False, False, False, frozenset(), False, "none needed", "no CoCo"),
+        PlatformSpec(
+            "tdx",
+            True,
+            True,
+            True,
+            frozenset({False}),
+            False,
+            "#VE fixup (ve_handle_mmio / the EPT-violation path)",
+            "arch/x86/coco/tdx/tdx.c",
+        ),
+        PlatformSpec(
+            "snp",
+            True,
+            False,
+            True,
+            frozenset({True}),
+            False,
+            "#VC fixup",
+            "arch/x86/kernel/sev.c, arch/x86/mm/mem_encrypt_amd.c",
+        ),
+        PlatformSpec(
+            "hyperv-vtom",
+            True,
+            False,
+            False,
+            frozenset(),
+            True,
+            "#PF fixup: pages not present during the transition (Linux 6.9)",
+            "arch/x86/hyperv/ivm.c",
+        ),
+    )
+}
+PLATFORMS: tuple[str, ...] = tuple(PLATFORM_SPECS)  # the --platform choices, in this order
+
+
+def platform_spec(name: str) -> PlatformSpec:
+    """The spec of `name`; ValueError naming the choices (the one message for every caller)."""
+    spec = PLATFORM_SPECS.get(name)
+    if spec is None:
+        raise ValueError(f"unknown platform {name!r}: expected one of {', '.join(PLATFORMS)}")
+    return spec
 
 
 @attrs.frozen
@@ -170,8 +266,7 @@ class Platform:
     def __init__(
         self, name: str, end_pfn: int, stats: GuestStats, costs: CostProfile, host: Host
     ) -> None:
-        if name not in ("none", "tdx", "snp"):
-            raise ValueError(f"unknown platform {name!r}: expected none, tdx or snp")
+        self.spec = platform_spec(name)
         self.name = name
         self.stats = stats
         self.costs = costs
@@ -180,24 +275,27 @@ class Platform:
 
     @property
     def encrypts(self) -> bool:
-        return self.name != "none"
+        return self.spec.encrypts
 
     @property
     def cache_flush_required(self) -> bool:
-        """enc_cache_flush_required(): TDX always; SNP guests have SME_COHERENT."""
-        return self.name == "tdx"
+        """enc_cache_flush_required(): TDX always; SNP guests have SME_COHERENT; vTOM not."""
+        return self.spec.cache_flush_required
 
     def convert(self, runs: Sequence[tuple[int, int]], to_shared: bool) -> ConversionResult:
-        """The hypercall part of one conversion of `runs` (TDX: one MapGPA each; SNP: batched).
-        On failure the failing call's pages become UNKNOWN and later runs are left as they were."""
+        """The hypercall part of one conversion of `runs` (TDX: one MapGPA each; SNP: batched
+        entries; vTOM: batched PFNs). On failure the failing call's pages become UNKNOWN and
+        later runs are left as they were."""
         if not self.encrypts:
             return ConversionResult(True, sum(n for _, n in runs), 0, 0.0)
         before_calls = self.stats.hypercalls
         before_seconds = self.stats.modeled_conversion_seconds
         if self.name == "tdx":
             ok, unknown = self._convert_tdx(runs, to_shared)
-        else:
+        elif self.name == "snp":
             ok, unknown = self._convert_snp(runs, to_shared)
+        else:
+            ok, unknown = self._convert_vtom(runs, to_shared)
         pages = sum(n for _, n in runs)
         if not ok:
             self.stats.conversion_failures += 1
@@ -211,13 +309,14 @@ class Platform:
 
     def convert_pages(self, pfns: npt.NDArray[np.int64], to_shared: bool) -> ConversionResult:
         """Convert scattered pages one page at a time (vmalloc addresses on TDX: one MapGPA per
-        page). Vectorized when the host is sure to answer ok; otherwise call by call."""
+        page; SNP and vTOM batch them as for a range). Vectorized on TDX when the host is sure
+        to answer ok; otherwise call by call."""
         host = self.host
         n = len(pfns)
         if self.name != "tdx" or not isinstance(host, SimulatedHost) or not host.quiet_for(n):
             runs = [(p, 1) for p in pfns.tolist()]
-            if self.name == "snp":
-                from pool.guest.vmalloc import runs_of  # PSC requests batch scattered pages
+            if self.name in ("snp", "hyperv-vtom"):
+                from pool.guest.vmalloc import runs_of  # batched requests: contiguous runs
 
                 runs = list(runs_of(pfns))
             return self.convert(runs, to_shared)
@@ -317,6 +416,41 @@ class Platform:
                 )
                 if not to_shared:
                     self.stats.pages_accepted += n
+        return True, 0
+
+    def _convert_vtom(self, runs: Sequence[tuple[int, int]], to_shared: bool) -> tuple[bool, int]:
+        """hv_vtom_set_host_visibility(): a PFN list of up to 510 entries per
+        HvCallModifySparseGpaPageHostVisibility, one entry per 4 KiB page; the paravisor
+        validates each page inside the call (counted as a 4 KiB accept)."""
+        pfns: list[tuple[int, int]] = []  # (start, npages) pieces, each within one call
+        calls: list[list[tuple[int, int]]] = []
+        room = HV_MAX_MODIFY_GPA_REP_COUNT
+        for start, npages in runs:
+            p, end = start, start + npages
+            while p < end:
+                take = min(end - p, room)
+                pfns.append((p, take))
+                p += take
+                room -= take
+                if room == 0:
+                    calls.append(pfns)
+                    pfns, room = [], HV_MAX_MODIFY_GPA_REP_COUNT
+        if pfns:
+            calls.append(pfns)
+        s, c = self.stats, self.costs
+        for batch in calls:
+            self._charge_hypercall()
+            answer = self.host.map_gpa(batch[0][0], sum(n for _, n in batch), to_shared)
+            if answer.status != "ok":
+                for p, n in batch:
+                    self.state[p : p + n] = PAGE_UNKNOWN
+                return False, sum(n for _, n in batch)
+            for p, n in batch:
+                self._set(p, n, to_shared)
+                s.accept_calls_4k += n
+                s.modeled_conversion_seconds += n * c.accept_4k_seconds
+                if not to_shared:
+                    s.pages_accepted += n
         return True, 0
 
     def states_of(self, pfns: npt.NDArray[np.int64]) -> npt.NDArray[np.uint8]:
