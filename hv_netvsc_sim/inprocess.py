@@ -18,7 +18,19 @@ The result (`InProcessRun.result`, DESIGN.md section 4, one strategy of `compare
   failed);
 - `allocations`, `failures`, `failure_reasons`: every allocate call the driver made
   (setup and run), counted on the driver's side of the client seam;
-  `alloc_latency_seconds`: p50 / p99 wall clock of the successful allocate calls;
+- `alloc_latency_seconds`: p50 / p99 / max (and mean, samples) of the guest's *modeled*
+  allocation latency: for each successful allocate call, the modeled seconds the guest's
+  counters gained during that call (conversion hypercalls, accepts, TLB and cache flushes,
+  splits, zeroing: `modeled_conversion_seconds + modeled_zeroing_seconds`, which the model
+  charges from the cost profile where it counts; synchronous pool growth inside the call
+  included). Nothing is costed here: the cost rules stay where the counts are made
+  (pool.guest.encpgtable, pool.guest.platform, Guest.zero); this only takes differences.
+  `modeled_seconds` splits the run's modeled time by who caused it: `alloc` (the sum of the
+  above), `free` (re-encryption on free), `background` (the strategy's maintain(): a pool
+  growing ahead of demand, reported apart because no allocation waits for it);
+- `simulator_wall_seconds`: the simulator's own wall clock: p50 / p99 / max of each
+  successful allocate call (`alloc`), the cycles (`run`), and the part spent inside the
+  guest model and the strategy (`model`); never part of the same-seed comparison;
 - `driver`, `host`, `events`, and `buffer_checks` (can the strategy serve a default
   ring, the default and the largest send and receive buffers at all; tried once after
   the run, because a strategy that refuses the ring - swiotlb, 256 KiB at most - never
@@ -28,12 +40,13 @@ The result (`InProcessRun.result`, DESIGN.md section 4, one strategy of `compare
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from array import array
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import attrs
 
-from hv_netvsc_sim.client import InProcessClient
+from hv_netvsc_sim.client import ClientStats, InProcessClient
 from hv_netvsc_sim.device import NETVSC_MAX_RX_SECTIONS, NETVSC_MAX_TX_SECTIONS, DeviceSettings
 from hv_netvsc_sim.host import HyperVHost
 from hv_netvsc_sim.scenario import Scenario, ScenarioConfig
@@ -42,7 +55,7 @@ from pool.guest.units import PAGE_SIZE, PAGES_PER_1G, PAGES_PER_2M
 from pool.memmap import memory_map
 from pool.provision import Guests, provision
 from pool.registry import PoolSettings
-from pool.strategy import Strategy, StrategyError, StrategyStats
+from pool.strategy import Buffer, Strategy, StrategyError, StrategyStats
 
 SERIES_KEYS = (
     "cycle",
@@ -56,18 +69,66 @@ SERIES_KEYS = (
     "modeled_conversion_seconds",
     "failures",
     "alloc_latency_mean_seconds",
+    "alloc_latency_max_seconds",
+    "simulator_wall_alloc_mean_seconds",
 )
+
+
+def percentiles(values: Sequence[float]) -> dict[str, float]:
+    """p50 / p99 (ClientStats' nearest rank: one rule for every percentile compare prints),
+    max and mean of `values` (zeros when empty)."""
+    out = ClientStats(latencies=array("d", values)).latency_percentiles()
+    out["max"] = max(values, default=0.0)
+    out["mean"] = sum(values) / len(values) if values else 0.0
+    return out
+
+
+def modeled_seconds(counts: Counts) -> float:
+    """The modeled seconds a phase's counts carry (what the model charged while counting)."""
+    return counts.modeled_conversion_seconds + counts.modeled_zeroing_seconds
+
+
+class ModeledClient(InProcessClient):
+    """The in-process client that also records, for every successful allocate call, the
+    guest work it caused (`alloc_counts`, a Counts difference) and its modeled seconds
+    (`modeled`); and the modeled seconds of free calls (`free_modeled`)."""
+
+    def __init__(self, strategy: Strategy, guest: Guest, owner: str = "hv_netvsc") -> None:
+        super().__init__(strategy, owner)
+        self.guest = guest
+        self.modeled: array[float] = array("d")
+        self.alloc_counts: list[Counts] = []
+        self.free_modeled = 0.0
+
+    async def allocate(self, size: int, purpose: str) -> Buffer:
+        before = self.guest.stats.snapshot()
+        buf = await super().allocate(size, purpose)
+        d = self.guest.stats.snapshot() - before
+        self.alloc_counts.append(d)
+        self.modeled.append(modeled_seconds(d))
+        return buf
+
+    async def free(self, buffer_id: int) -> bool:
+        stats = self.guest.stats
+        before = stats.modeled_conversion_seconds + stats.modeled_zeroing_seconds
+        try:
+            return await super().free(buffer_id)
+        finally:
+            self.free_modeled += (
+                stats.modeled_conversion_seconds + stats.modeled_zeroing_seconds - before
+            )
 
 
 class SeriesRecorder:
     """Samples the run after each cycle: cumulative counts since the run started, the
-    direct map's bytes by leaf size, cumulative allocation failures, and the mean latency of
-    the allocate calls made during that cycle."""
+    direct map's bytes by leaf size, cumulative allocation failures, and the mean and max
+    modeled latency (and the mean simulator wall clock) of the allocate calls made during
+    that cycle."""
 
     def __init__(
         self,
         guest: Guest,
-        client: InProcessClient,
+        client: ModeledClient,
         start: Counts,
         progress: Callable[[int], None] | None = None,
     ) -> None:
@@ -80,7 +141,7 @@ class SeriesRecorder:
 
     def begin(self) -> Counts:
         self.start = self.guest.stats.snapshot()
-        self._lat_mark = len(self.client.stats.latencies)
+        self._lat_mark = len(self.client.modeled)
         return self.start
 
     def __call__(self, cycle: int) -> None:
@@ -97,10 +158,15 @@ class SeriesRecorder:
         s["pages_converted"].append(d.pages_converted)
         s["modeled_conversion_seconds"].append(round(d.modeled_conversion_seconds, 9))
         s["failures"].append(self.client.stats.failures)
-        lat = self.client.stats.latencies
-        window = lat[self._lat_mark :]
-        s["alloc_latency_mean_seconds"].append(sum(window) / len(window) if window else 0.0)
-        self._lat_mark = len(lat)
+        mark = self._lat_mark
+        window = self.client.modeled[mark:]
+        wall = self.client.stats.latencies[mark:]
+        s["alloc_latency_mean_seconds"].append(
+            round(sum(window) / len(window), 12) if window else 0.0
+        )
+        s["alloc_latency_max_seconds"].append(round(max(window), 12) if window else 0.0)
+        s["simulator_wall_alloc_mean_seconds"].append(sum(wall) / len(wall) if wall else 0.0)
+        self._lat_mark = len(self.client.modeled)
         if self.progress is not None:
             self.progress(cycle)
 
@@ -134,6 +200,11 @@ def buffer_checks(strategy: Strategy) -> dict[str, dict[str, Any]]:
     return out
 
 
+def _rounded(d: dict[str, float]) -> dict[str, float]:
+    """Modeled figures to 1e-12 s: sums of floats in a different order must not differ."""
+    return {k: round(v, 12) for k, v in d.items()}
+
+
 @attrs.frozen
 class InProcessRun:
     """What one in-process run gives: `result` (the strategy's compare document),
@@ -148,6 +219,8 @@ class InProcessRun:
     cycles_done: int
     run_seconds: float
     model_seconds: float
+    allocation_counts: tuple[Counts, ...] = ()  # per successful allocate call, in order
+    allocation_modeled_seconds: tuple[float, ...] = ()
 
 
 async def run_in_process(
@@ -164,15 +237,26 @@ async def run_in_process(
     install signal handlers that stop it)."""
     made = provision(name, guests, settings)
     guest, strategy = made.guest, made.strategy
-    client = InProcessClient(strategy, owner="hv_netvsc")
+    client = ModeledClient(strategy, guest, owner="hv_netvsc")
     host = HyperVHost(guest, owns=client.owns)
     recorder = SeriesRecorder(guest, client, made.baseline, on_cycle)
+    background = [0.0]
+
+    def maintain(now: float) -> bool:
+        """The strategy's background work; its modeled seconds counted apart."""
+        st = guest.stats
+        before = st.modeled_conversion_seconds + st.modeled_zeroing_seconds
+        try:
+            return client.maintain(now)
+        finally:
+            background[0] += st.modeled_conversion_seconds + st.modeled_zeroing_seconds - before
+
     scenario = Scenario(
         scenario_config,
         client,
         host,
         guest=guest,
-        maintain=client.maintain,
+        maintain=maintain,
         on_cycle=recorder,
     )
     if on_start is not None:
@@ -205,7 +289,16 @@ async def run_in_process(
             "strategy_size_bytes": sst.size_bytes,
             "devices_up": sum(1 for d in scenario.devices if d is not None and d.state == "up"),
         },
-        "alloc_latency_seconds": {**cs.latency_percentiles(), "samples": len(cs.latencies)},
+        "alloc_latency_seconds": {
+            **_rounded(percentiles(client.modeled)),
+            "samples": len(client.modeled),
+        },
+        "modeled_seconds": {
+            "alloc": round(sum(client.modeled), 9),
+            "free": round(client.free_modeled, 9),
+            "background": round(background[0], 9),
+            "total_setup_and_run": round(modeled_seconds(setup + run), 9),
+        },
         "series": recorder.series,
         "driver": scenario.stats.as_json(),
         "host": host.stats.as_json(),
@@ -215,4 +308,18 @@ async def run_in_process(
     result["buffer_checks"] = buffer_checks(strategy)  # after every figure above is taken
     result["memory_map"] = memory_map(guest, strategy, name).encode()  # compare --map
     model = made.setup_seconds + sum(cs.latencies) + cs.free_seconds + scenario.model_seconds
-    return InProcessRun(result, summary, sst, scenario.cycles_done, run_seconds, model)
+    result["simulator_wall_seconds"] = {
+        "alloc": percentiles(cs.latencies),
+        "run": run_seconds,
+        "model": model,
+    }
+    return InProcessRun(
+        result,
+        summary,
+        sst,
+        scenario.cycles_done,
+        run_seconds,
+        model,
+        tuple(client.alloc_counts),
+        tuple(client.modeled),
+    )

@@ -110,8 +110,8 @@ def compare_table(doc: Mapping[str, Any]) -> Table:
         ("fatal\nhazard pages", "right"),
         ("shared\nMiB", "right"),
         ("leaked\nMiB", "right"),
-        ("alloc p50\nµs", "right"),
-        ("alloc p99\nµs", "right"),
+        ("modeled alloc\np50 µs", "right"),
+        ("modeled alloc\np99 µs", "right"),
     ):
         table.add_column(col, justify=justify, no_wrap=col == "failures")  # type: ignore[arg-type]
     for name, r in doc["strategies"].items():
@@ -176,7 +176,7 @@ def plot_compare(doc: Mapping[str, Any], path: str) -> None:
         ("direct_map_1G_bytes", "DirectMap1G (GiB)", 1 << 30, "linear"),
         ("hypercalls", "hypercalls (cumulative)", 1, "symlog"),
         ("direct_map_splits_level2", "2 MiB leaf splits (cumulative)", 1, "linear"),
-        ("alloc_latency_mean_seconds", "alloc latency, mean per cycle (µs)", 1e-6, "log"),
+        ("alloc_latency_mean_seconds", "modeled alloc latency, mean per cycle (µs)", 1e-6, "log"),
     )
     fig, axes = plt.subplots(2, 3, figsize=(16, 8.5), constrained_layout=True)
     cfg = doc["config"]
