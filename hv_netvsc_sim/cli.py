@@ -33,15 +33,16 @@ from hv_netvsc_sim.compare import (
 from hv_netvsc_sim.host import HyperVHost
 from hv_netvsc_sim.inprocess import run_in_process
 from hv_netvsc_sim.maps import check_map_dir, write_maps
+from hv_netvsc_sim.plot import check_plot_path, plot_compare
 from hv_netvsc_sim.report import (
     ProgressReporter,
     compare_table,
-    plot_compare,
     print_table,
     summary_table,
 )
 from hv_netvsc_sim.scenario import Scenario, ScenarioConfig
 from hv_netvsc_sim.sweep import add_sweep_command
+from hv_netvsc_sim.timeline import DEFAULT_SCENARIO, PRESETS
 from pool import __version__
 from pool.guest import GuestConfig
 from pool.guest.options import add_guest_arguments, check_guest_args
@@ -71,6 +72,16 @@ def _nonneg_float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
     if not value >= 0 or value == float("inf"):
         raise argparse.ArgumentTypeError(f"must be a finite number >= 0: {text!r}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be a fraction within [0, 1]: {text!r}")
     return value
 
 
@@ -206,8 +217,26 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="A,B,...",
         help=f"strategies to run (default all: {','.join(STRATEGIES)})",
     )
+    cmp.add_argument(
+        "--scenario",
+        default=DEFAULT_SCENARIO,
+        metavar="NAME|FILE.toml",
+        help=f"the time axis: a preset ({', '.join(PRESETS)}; default {DEFAULT_SCENARIO}: "
+        "the cycles above) or a TOML file (docs/scenarios.md)",
+    )
+    cmp.add_argument(
+        "--runtime-cost-4k",
+        type=_fraction,
+        default=None,
+        metavar="FRACTION",
+        help="print an estimate of the runtime cost of the direct-map damage: FRACTION is "
+        "the throughput lost with the whole direct map in 4 KiB pages (e.g. 0.009, the top "
+        "of Meta 2022's 0.5-0.9 %%; workload-dependent: see docs/scenarios.md)",
+    )
     cmp.add_argument("--json", action="store_true", help="print the compare JSON on stdout")
-    cmp.add_argument("--plot", metavar="FILE.png", help="write the plot (matplotlib) to FILE")
+    cmp.add_argument(
+        "--plot", metavar="FILE.png", help="write the plot (matplotlib) to FILE (.png, .svg, .pdf)"
+    )
     cmp.add_argument(
         "--map",
         metavar="DIR",
@@ -241,12 +270,20 @@ def _compare(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     check_guest_args(parser, args)
     try:
         config = CompareConfig(
-            _guest_config(args), _scenario_config(args), args.age_steps, args.strategies
+            _guest_config(args),
+            _scenario_config(args),
+            args.age_steps,
+            args.strategies,
+            args.scenario,
+            args.runtime_cost_4k,
         )
     except ValueError as exc:
         parser.error(str(exc))
-    if args.plot is not None and not args.plot:
-        parser.error("--plot needs a file name")
+    if args.plot is not None:
+        try:
+            check_plot_path(args.plot)  # before the run: a typo must not cost the run
+        except ValueError as exc:
+            parser.error(f"--plot: {exc}")
     if args.jobs < 0:
         parser.error("--jobs must be >= 0 (0: one per CPU)")
     if args.map is not None:

@@ -33,6 +33,7 @@ import attrs
 
 from hv_netvsc_sim.inprocess import SERIES_KEYS, SeriesRecorder, buffer_checks, run_in_process
 from hv_netvsc_sim.scenario import ScenarioConfig
+from hv_netvsc_sim.timeline import STRESS, Timeline, resolve
 from pool.guest import GuestConfig
 from pool.provision import Guests, Progress
 from pool.registry import CONTRACT_STRATEGIES, SPECS, STRATEGIES
@@ -59,16 +60,40 @@ def _strategies(value: Any) -> tuple[str, ...]:
     return tuple(value)
 
 
+def _timeline(value: Timeline | str) -> Timeline:
+    """A Timeline as given, or a preset name / TOML path (hv_netvsc_sim.timeline.resolve)."""
+    return value if isinstance(value, Timeline) else resolve(value)
+
+
+def _runtime_cost(value: float | None) -> float | None:
+    if value is None:
+        return None
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"runtime cost of the 4 KiB direct map must be within [0, 1]: {value}")
+    return float(value)
+
+
 @attrs.frozen
 class CompareConfig:
     """The guest every strategy starts from, the scenario they all run, the aging, and the
     strategies. One seed: the guest's and the scenario's must be the same (`of` builds
-    both from one)."""
+    both from one).
+
+    timeline: the scenario's time axis (hv_netvsc_sim.timeline): `stress` (the default) runs
+      `scenario`'s cycles; a schedule (`azure-month`, `boot-only`, a TOML file's) replaces
+      them, `scenario` then giving only the seed, the traffic size and the vNIC settings. A
+      plain frozen value: a preset name or a path is accepted and resolved.
+    runtime_cost_4k: the optional runtime estimate's parameter (hv_netvsc_sim.verdict): the
+      throughput fraction lost when the whole direct map is in 4 KiB pages; None (default):
+      no estimate is printed or put in the document.
+    """
 
     guest: GuestConfig = attrs.field(factory=GuestConfig)
     scenario: ScenarioConfig = attrs.field(factory=lambda: ScenarioConfig(cycles=COMPARE_CYCLES))
     age_steps: int = DEFAULT_AGE_STEPS
     strategies: tuple[str, ...] = attrs.field(default=STRATEGIES, converter=_strategies)
+    timeline: Timeline = attrs.field(default=STRESS, converter=_timeline)
+    runtime_cost_4k: float | None = attrs.field(default=None, converter=_runtime_cost)
 
     def __attrs_post_init__(self) -> None:
         if self.scenario.cycles < 1:
@@ -95,10 +120,13 @@ class CompareConfig:
         platform: str | None = None,
         age_steps: int = DEFAULT_AGE_STEPS,
         strategies: tuple[str, ...] = STRATEGIES,
+        timeline: Timeline | str = STRESS,
+        runtime_cost_4k: float | None = None,
         **scenario: Any,
     ) -> CompareConfig:
         """A config from one seed: the guest's fields (the GuestConfig defaults unless
-        given) and the scenario's (ScenarioConfig's, with compare's 200 cycles)."""
+        given), the scenario's (ScenarioConfig's, with compare's 200 cycles) and its
+        timeline (a preset name, a TOML path or a Timeline)."""
         guest: dict[str, Any] = {"seed": seed}
         if guest_memory_bytes is not None:
             guest["memory_bytes"] = guest_memory_bytes
@@ -109,6 +137,8 @@ class CompareConfig:
             ScenarioConfig(**{"cycles": COMPARE_CYCLES, **scenario, "seed": seed}),
             age_steps,
             strategies,
+            _timeline(timeline),
+            runtime_cost_4k,
         )
 
     @property
@@ -116,13 +146,24 @@ class CompareConfig:
         return self.guest.seed
 
     @property
+    def run_scenario(self) -> ScenarioConfig:
+        """The engine's configuration: the scenario with the timeline when it schedules."""
+        if not self.timeline.scheduled:
+            return self.scenario
+        return attrs.evolve(self.scenario, timeline=self.timeline)
+
+    @property
     def cycles(self) -> int:
-        return self.scenario.cycles
+        """Series points: the stress cycles, or the schedule's samples."""
+        return self.run_scenario.total_cycles
 
     def as_json(self) -> dict[str, Any]:
         return {
             "guest_memory_bytes": self.guest.memory_bytes,
-            "cycles": self.scenario.cycles,
+            "cycles": self.cycles,
+            "scenario": self.timeline.name,
+            "timeline": self.timeline.as_json() if self.timeline.scheduled else None,
+            "runtime_cost_4k": self.runtime_cost_4k,
             "seed": self.guest.seed,
             "platform": self.guest.platform,
             "age_steps": self.age_steps,
@@ -142,7 +183,7 @@ def _run_one_sync(
     t0 = time.perf_counter()
     aging0 = guests.aging_seconds
     on_cycle = None if progress is None else (lambda c: progress(name, c, config.cycles))
-    run = asyncio.run(run_in_process(name, guests, config.scenario, on_cycle=on_cycle))
+    run = asyncio.run(run_in_process(name, guests, config.run_scenario, on_cycle=on_cycle))
     aging = guests.aging_seconds - aging0
     return run.result, run.model_seconds, time.perf_counter() - t0 - aging, aging
 

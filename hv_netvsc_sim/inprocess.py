@@ -59,6 +59,7 @@ from pool.strategy import Buffer, Strategy, StrategyError, StrategyStats
 
 SERIES_KEYS = (
     "cycle",
+    "virtual_seconds",
     "hypercalls",
     "direct_map_splits_level2",
     "direct_map_splits_level3",
@@ -71,7 +72,20 @@ SERIES_KEYS = (
     "alloc_latency_mean_seconds",
     "alloc_latency_max_seconds",
     "simulator_wall_alloc_mean_seconds",
+    "conversions",
+    "tlb_flushes",
+    "page_table_pages",
+    "direct_map_4k_share",
+    "fatal_hazard_pages",
 )
+
+
+def direct_map_4k_share(guest: Guest) -> float:
+    """The share of the direct map's RAM mapped with 4 KiB leaves (DirectMap4k over the
+    sum of /proc/meminfo's DirectMap lines)."""
+    dm = guest.direct_map
+    total = dm.n4k + dm.n2m * PAGES_PER_2M + dm.n1g * PAGES_PER_1G
+    return dm.n4k / total if total else 0.0
 
 
 def percentiles(values: Sequence[float]) -> dict[str, float]:
@@ -138,6 +152,7 @@ class SeriesRecorder:
         self.progress = progress
         self.series: dict[str, list[Any]] = {k: [] for k in SERIES_KEYS}
         self._lat_mark = 0
+        self.clock: Callable[[], float] = lambda: 0.0  # the scenario's virtual time
 
     def begin(self) -> Counts:
         self.start = self.guest.stats.snapshot()
@@ -149,6 +164,7 @@ class SeriesRecorder:
         dm = self.guest.direct_map
         s = self.series
         s["cycle"].append(cycle)
+        s["virtual_seconds"].append(self.clock())
         s["hypercalls"].append(d.hypercalls)
         s["direct_map_splits_level2"].append(d.direct_map_level2_splits)
         s["direct_map_splits_level3"].append(d.direct_map_level3_splits)
@@ -167,6 +183,11 @@ class SeriesRecorder:
         s["alloc_latency_max_seconds"].append(round(max(window), 12) if window else 0.0)
         s["simulator_wall_alloc_mean_seconds"].append(sum(wall) / len(wall) if wall else 0.0)
         self._lat_mark = len(self.client.modeled)
+        s["conversions"].append(d.conversions_to_shared + d.conversions_to_private)
+        s["tlb_flushes"].append(d.tlb_flushes)
+        s["page_table_pages"].append(d.page_table_pages)
+        s["direct_map_4k_share"].append(round(direct_map_4k_share(self.guest), 9))
+        s["fatal_hazard_pages"].append(self.guest.hazards().private_alias_to_shared)
         if self.progress is not None:
             self.progress(cycle)
 
@@ -259,6 +280,7 @@ async def run_in_process(
         maintain=maintain,
         on_cycle=recorder,
     )
+    recorder.clock = lambda: scenario.queue.now
     if on_start is not None:
         on_start(scenario)
     await scenario.start()

@@ -19,7 +19,10 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from hv_netvsc_sim.plot import plot_compare
 from pool.guest.units import format_size
+
+__all__ = ["ProgressReporter", "compare_table", "plot_compare", "print_table", "summary_table"]
 
 
 class ProgressReporter:
@@ -160,46 +163,3 @@ def summary_table(title: str, rows: Mapping[str, Any]) -> Table:
 
 def print_table(table: Table, stream: TextIO | None = None) -> None:
     Console(file=stream or sys.stdout, width=160).print(table)
-
-
-def plot_compare(doc: Mapping[str, Any], path: str) -> None:
-    """Direct-map bytes by leaf size over cycles, cumulative hypercalls and level-2 splits,
-    and the mean allocation latency per cycle: one line per strategy."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    panels = (
-        ("direct_map_4k_bytes", "DirectMap4k (MiB)", 1 << 20, "linear"),
-        ("direct_map_2M_bytes", "DirectMap2M (MiB)", 1 << 20, "linear"),
-        ("direct_map_1G_bytes", "DirectMap1G (GiB)", 1 << 30, "linear"),
-        ("hypercalls", "hypercalls (cumulative)", 1, "symlog"),
-        ("direct_map_splits_level2", "2 MiB leaf splits (cumulative)", 1, "linear"),
-        ("alloc_latency_mean_seconds", "modeled alloc latency, mean per cycle (µs)", 1e-6, "log"),
-    )
-    fig, axes = plt.subplots(2, 3, figsize=(16, 8.5), constrained_layout=True)
-    cfg = doc["config"]
-    fig.suptitle(
-        f"hv_netvsc_sim compare: {format_size(cfg['guest_memory_bytes'])} {cfg['platform']} "
-        f"guest, {cfg['age_steps']:,} aging steps, {cfg['cycles']} cycles, seed {cfg['seed']}"
-    )
-    styles = ("-", "--", "-.", ":", (0, (5, 1)), (0, (3, 1, 1, 1, 1, 1)))
-    for ax, (key, label, scale, yscale) in zip(axes.flat, panels, strict=True):
-        for i, (name, r) in enumerate(doc["strategies"].items()):
-            s = r["series"]
-            ys = [v / scale for v in s[key]]
-            if yscale == "log" and not any(ys):
-                continue
-            # overlapping lines (strategies that never touch the direct map) stay visible
-            ax.plot(s["cycle"], ys, label=name, linewidth=1.6, linestyle=styles[i % len(styles)])
-        ax.set_title(label, fontsize=10)
-        ax.set_xlabel("cycle")
-        if yscale == "symlog":
-            ax.set_yscale("symlog", linthresh=10)
-        elif yscale == "log":
-            ax.set_yscale("log")
-        ax.grid(True, alpha=0.3)
-    axes.flat[0].legend(fontsize=8)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)

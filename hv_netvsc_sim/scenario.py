@@ -30,6 +30,15 @@ What one run does (virtual time in units of T = `cycle_seconds`):
   the strategy's maintain(now) runs at the event's virtual time (in-process only; the
   daemon runs its own maintenance).
 
+A scheduled scenario (`timeline`, hv_netvsc_sim.timeline: every preset but `stress`)
+replaces the cycles with its schedule, planned whole at the start: the samples first (so a
+sample at time t reads the state before an event at t), then each device event at its
+virtual time (a hot_replug is a hot_remove and, REPLUG_GAP_SECONDS later, a hot_add of the
+same vNIC, the vNICs in turn). Sample k (1-based) is reported as cycle k. Background churn
+follows the virtual clock: before every event and every sample the guest runs the steps due
+by then at the scenario's rate per virtual hour (Timeline.churn_steps_by), and the
+strategy's maintain(now) runs at that time too.
+
 An event on a vNIC that is not up (removed, or its attach failed) does what the driver
 would: reconfigurations update the settings for the next attach, traffic and VF switches
 do nothing. Failures are counted (DriverStats), never raised out of the engine.
@@ -58,6 +67,7 @@ from hv_netvsc_sim.device import (
     NetvscDevice,
 )
 from hv_netvsc_sim.host import RECV_SECTION_SIZE, SEND_SECTION_SIZE, HyperVHost
+from hv_netvsc_sim.timeline import REPLUG_GAP_SECONDS, Timeline
 from pool.guest import Guest
 from pool.guest.units import MiB
 
@@ -120,6 +130,22 @@ class ScenarioConfig:
     pace: float = 0.0  # real seconds slept after each event (0: as fast as possible)
     mix: tuple[tuple[str, float], ...] = attrs.field(default=DEFAULT_MIX, converter=_mix)
     settings: DeviceSettings = attrs.field(factory=DeviceSettings)  # a new vNIC's settings
+    timeline: Timeline | None = None  # a schedule (None or `stress`: the cycles above)
+
+    @property
+    def scheduled(self) -> bool:
+        return self.timeline is not None and self.timeline.scheduled
+
+    @property
+    def total_cycles(self) -> int:
+        """Series points: the cycles, or a schedule's samples."""
+        t = self.timeline
+        return t.samples if t is not None and t.scheduled else self.cycles
+
+    @property
+    def device_count(self) -> int:
+        t = self.timeline
+        return t.nics if t is not None and t.scheduled else self.nics
 
     def __attrs_post_init__(self) -> None:
         if self.nics < 1:
@@ -190,7 +216,7 @@ class Scenario:
         self.maintain = maintain
         self.on_cycle = on_cycle
         self.stats = DriverStats()
-        self.devices: list[NetvscDevice | None] = [None] * config.nics
+        self.devices: list[NetvscDevice | None] = [None] * config.device_count
         self.queue = EventQueue()
         self.events: Counter[str] = Counter()
         self.skipped: Counter[str] = Counter()
@@ -202,6 +228,9 @@ class Scenario:
         self._cum = list(_accumulate(weights))
         self._stopping = False
         self._started = False
+        self._churned = 0  # a schedule's churn steps done so far
+        # (virtual time, kind, vNIC) of every dispatched event: the schedule as it happened
+        self.event_log: list[tuple[float, str, int]] = []
 
     # ---- plan ----------------------------------------------------------------------------
 
@@ -233,6 +262,32 @@ class Scenario:
         if not cfg.cycles or c + 1 < cfg.cycles:
             q.schedule(t0 + t, Event("cycle_start", c + 1))
 
+    def _plan_schedule(self, timeline: Timeline) -> None:
+        """The whole schedule at once: samples first, then the device events."""
+        q = self.queue
+        for k, at in enumerate(timeline.sample_times()):
+            q.schedule(at, Event("cycle_end", k))
+        nics = timeline.nics
+        period = timeline.sample_seconds
+        turn: Counter[str] = Counter()
+        for at, kind, args in timeline.events_at():
+            nic = turn[kind] % nics
+            turn[kind] += 1
+            c = int(at // period)
+            if kind == "hot_replug":
+                q.schedule(at, Event("hot_remove", c, nic))
+                q.schedule(at + REPLUG_GAP_SECONDS, Event("hot_add", c, nic))
+            else:
+                q.schedule(at, Event(kind, c, nic, args))
+
+    def _churn_until(self, now: float) -> None:
+        """A schedule's background churn: the steps due by virtual time `now`."""
+        assert self.config.timeline is not None
+        due = self.config.timeline.churn_steps_by(now) - self._churned
+        if due > 0 and self.guest is not None:
+            self.guest.background(due)
+        self._churned += max(0, due)
+
     # ---- run -----------------------------------------------------------------------------
 
     async def start(self) -> None:
@@ -240,9 +295,13 @@ class Scenario:
         if self._started:
             return
         self._started = True
-        for nic in range(self.config.nics):
+        for nic in range(self.config.device_count):
             await self._hot_add(nic)
-        self.queue.schedule(0.0, Event("cycle_start", 0))
+        if self.config.scheduled:
+            assert self.config.timeline is not None
+            self._plan_schedule(self.config.timeline)
+        else:
+            self.queue.schedule(0.0, Event("cycle_start", 0))
 
     def stop(self) -> None:
         """Ask the engine to stop after the current event (SIGTERM / SIGINT)."""
@@ -255,6 +314,8 @@ class Scenario:
         q = self.queue
         guest, maintain = self.guest, self.maintain
         churn = cfg.churn_steps
+        scheduled = cfg.scheduled
+        total = cfg.total_cycles
         while q and not self._stopping:
             ev = q.pop()
             kind = ev.kind
@@ -262,14 +323,22 @@ class Scenario:
                 self._plan_cycle(ev.cycle)
                 continue
             if kind == "cycle_end":
+                if scheduled:  # the state at this time: churn and maintenance due by now
+                    t0 = perf_counter()
+                    self._churn_until(q.now)
+                    if maintain is not None:
+                        maintain(q.now)
+                    self.model_seconds += perf_counter() - t0
                 self.cycles_done = ev.cycle + 1
                 if self.on_cycle is not None:
                     self.on_cycle(self.cycles_done)
-                if cfg.cycles and self.cycles_done >= cfg.cycles:
+                if total and self.cycles_done >= total:
                     break
                 continue
             t0 = perf_counter()
-            if guest is not None and churn:
+            if scheduled:
+                self._churn_until(q.now)
+            elif guest is not None and churn:
                 guest.background(churn)
             if maintain is not None:
                 maintain(q.now)
@@ -296,6 +365,7 @@ class Scenario:
     async def _dispatch(self, ev: Event) -> None:
         kind = ev.kind
         self.events[kind] += 1
+        self.event_log.append((self.queue.now, kind, ev.nic))
         if kind == "hot_add":
             await self._hot_add(ev.nic)
             return
