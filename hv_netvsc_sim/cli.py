@@ -43,6 +43,7 @@ from hv_netvsc_sim.report import (
 from hv_netvsc_sim.scenario import Scenario, ScenarioConfig
 from hv_netvsc_sim.sweep import add_sweep_command
 from hv_netvsc_sim.timeline import DEFAULT_SCENARIO, PRESETS
+from hv_netvsc_sim.verdict import verdict_lines
 from pool import __version__
 from pool.guest import GuestConfig
 from pool.guest.options import add_guest_arguments, check_guest_args
@@ -301,6 +302,8 @@ def _compare(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         sys.stdout.write("\n")
     else:
         print_table(compare_table(doc))
+        print()
+        print("\n".join(verdict_lines(doc)))
     if args.plot:
         plot_compare(doc, args.plot)
         if not args.quiet:

@@ -34,6 +34,7 @@ import attrs
 from hv_netvsc_sim.inprocess import SERIES_KEYS, SeriesRecorder, buffer_checks, run_in_process
 from hv_netvsc_sim.scenario import ScenarioConfig
 from hv_netvsc_sim.timeline import STRESS, Timeline, resolve
+from hv_netvsc_sim.verdict import verdicts
 from pool.guest import GuestConfig
 from pool.provision import Guests, Progress
 from pool.registry import CONTRACT_STRATEGIES, SPECS, STRATEGIES
@@ -258,6 +259,7 @@ def run_compare(
             timings[f"{name}/model"] = model
     if timings is not None:
         timings["aging"] = sum(r[3] for r in results.values())
+    out["verdict"] = {name: v.as_json() for name, v in verdicts(out).items()}
     return out
 
 

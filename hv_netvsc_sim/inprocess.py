@@ -283,6 +283,7 @@ async def run_in_process(
     recorder.clock = lambda: scenario.queue.now
     if on_start is not None:
         on_start(scenario)
+    start_share = direct_map_4k_share(guest)
     await scenario.start()
     run_start = recorder.begin()
     setup = run_start - made.baseline
@@ -310,6 +311,17 @@ async def run_in_process(
             "unknown_state_bytes": hz.unknown_state_pages * PAGE_SIZE,
             "strategy_size_bytes": sst.size_bytes,
             "devices_up": sum(1 for d in scenario.devices if d is not None and d.state == "up"),
+        },
+        "fragmentation": {
+            # the cost of the direct-map damage in its own units (setup and run together):
+            # page-table pages the splits allocated, global TLB flushes, the 4 KiB share
+            "page_table_pages": setup.page_table_pages + run.page_table_pages,
+            "page_table_bytes": (setup.page_table_pages + run.page_table_pages) * PAGE_SIZE,
+            "run_page_table_pages": run.page_table_pages,
+            "tlb_flushes": setup.tlb_flushes + run.tlb_flushes,
+            "run_tlb_flushes": run.tlb_flushes,
+            "direct_map_4k_share": round(direct_map_4k_share(guest), 9),
+            "direct_map_4k_share_at_start": round(start_share, 9),
         },
         "alloc_latency_seconds": {
             **_rounded(percentiles(client.modeled)),

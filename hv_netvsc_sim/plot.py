@@ -66,8 +66,14 @@ def time_axis(doc: Mapping[str, Any]) -> tuple[float, str]:
 
 def title(doc: Mapping[str, Any]) -> str:
     cfg = doc["config"]
+    timeline = cfg.get("timeline")
+    if timeline:
+        d = float(timeline["duration_seconds"])
+        length = f"{d / 86400:g} days" if d >= 2 * 86400 else f"{d / 3600:g} hours"
+    else:
+        length = f"{cfg['cycles']} cycles"
     return (
-        f"hv_netvsc_sim compare, scenario {cfg.get('scenario', 'stress')}: "
+        f"hv_netvsc_sim compare, scenario {cfg.get('scenario', 'stress')} ({length}): "
         f"{format_size(cfg['guest_memory_bytes'])} {cfg['platform']} guest, "
         f"{cfg['age_steps']:,} aging steps, seed {cfg['seed']}"
     )

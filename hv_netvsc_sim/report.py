@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+import shutil
 import sys
 import types
 from collections.abc import Mapping
@@ -93,48 +95,76 @@ def _us(seconds: float) -> str:
     return f"{seconds * 1e6:,.1f}"
 
 
-def compare_table(doc: Mapping[str, Any]) -> Table:
-    cfg = doc["config"]
-    table = Table(
-        title=(
-            f"hv_netvsc_sim compare: {format_size(cfg['guest_memory_bytes'])} {cfg['platform']} "
-            f"guest, {cfg['age_steps']:,} aging steps, {cfg['cycles']} cycles, seed {cfg['seed']}"
-        ),
-        title_justify="left",
+def scenario_label(cfg: Mapping[str, Any]) -> str:
+    """`stress, 200 cycles` or `azure-month, 30 days`: the run's length in its own units."""
+    timeline = cfg.get("timeline")
+    name = cfg.get("scenario", "stress")
+    if not timeline:
+        return f"{name}, {cfg['cycles']} cycles"
+    d = float(timeline["duration_seconds"])
+    length = f"{d / 86400:g} days" if d >= 2 * 86400 else f"{d / 3600:g} hours"
+    return f"{name}, {length}"
+
+
+def compare_title(cfg: Mapping[str, Any]) -> str:
+    return (
+        f"hv_netvsc_sim compare: {format_size(cfg['guest_memory_bytes'])} {cfg['platform']} "
+        f"guest, {cfg['age_steps']:,} aging steps, {scenario_label(cfg)}, seed {cfg['seed']}"
     )
-    for col, justify in (
-        ("strategy", "left"),
-        ("allocs", "right"),
-        ("failures", "left"),
-        ("setup\nhypercalls", "right"),
-        ("run\nhypercalls", "right"),
-        ("run splits\n2M / 1G", "right"),
-        ("DirectMap4k\nend MiB", "right"),
-        ("fatal\nhazard pages", "right"),
-        ("shared\nMiB", "right"),
-        ("leaked\nMiB", "right"),
-        ("modeled alloc\np50 µs", "right"),
-        ("modeled alloc\np99 µs", "right"),
-    ):
-        table.add_column(col, justify=justify, no_wrap=col == "failures")  # type: ignore[arg-type]
+
+
+COMPARE_COLUMNS = (
+    ("strategy", "left"),
+    ("allocs", "right"),
+    ("refused", "right"),
+    ("setup\nhypercalls", "right"),
+    ("run\nhypercalls", "right"),
+    ("run splits\n2M / 1G", "right"),
+    ("page-table\nKiB", "right"),
+    ("TLB\nflushes", "right"),
+    ("4 KiB share\nend %", "right"),
+    ("fatal\nhazard pages", "right"),
+    ("shared\nMiB", "right"),
+    ("leaked\nMiB", "right"),
+    ("modeled alloc\np50 µs", "right"),
+    ("modeled alloc\np99 µs", "right"),
+    ("modeled alloc\nmax µs", "right"),
+)
+
+
+def compare_table(doc: Mapping[str, Any]) -> Table:
+    """The headline table: counts, the fragmentation's own units, hazards, and the guest's
+    modeled allocation latency (never the simulator's wall clock). Strategy names never
+    wrap or truncate; the other headers wrap when the terminal is narrow."""
+    table = Table(title=compare_title(doc["config"]), title_justify="left")
+    names = list(doc["strategies"])
+    for col, justify in COMPARE_COLUMNS:
+        if col == "strategy":
+            table.add_column(col, no_wrap=True, min_width=max(map(len, names), default=8))
+        else:
+            table.add_column(col, justify=justify)  # type: ignore[arg-type]
     for name, r in doc["strategies"].items():
-        reasons = ", ".join(f"{k} {v}" for k, v in r["failure_reasons"].items())
         splits = r["run"]["direct_map_splits"]
         end = r["end_state"]
         lat = r["alloc_latency_seconds"]
+        frag = r.get("fragmentation", {})
+        share = frag.get("direct_map_4k_share", 0.0)
         table.add_row(
             name,
             f"{r['allocations']:,}",
-            f"{r['failures']:,}" + (f" ({reasons})" if reasons else ""),
+            f"{r['failures']:,}",
             f"{r['setup']['hypercalls']:,}",
             f"{r['run']['hypercalls']:,}",
             f"{splits['level2']:,} / {splits['level3']:,}",
-            _mib(end["direct_map_bytes"]["4k"]),
+            f"{frag.get('page_table_bytes', 0) / 1024:,.0f}",
+            f"{frag.get('tlb_flushes', 0):,}",
+            f"{share * 100:,.2f}",
             f"{end['hazard_pages']['private_alias_to_shared']:,}",
             _mib(end["shared_bytes"]),
             _mib(end["leaked_bytes"]),
             _us(lat["p50"]),
             _us(lat["p99"]),
+            _us(lat.get("max", 0.0)),
         )
     return table
 
@@ -161,5 +191,15 @@ def summary_table(title: str, rows: Mapping[str, Any]) -> Table:
     return table
 
 
+def table_width(table: Table, stream: TextIO) -> int:
+    """The terminal's width on a terminal (shutil.get_terminal_size, which honours
+    $COLUMNS); redirected, the table's natural width, so that nothing wraps or truncates."""
+    if stream.isatty():
+        return shutil.get_terminal_size().columns
+    probe = Console(file=io.StringIO(), width=100_000)
+    return max(40, probe.measure(table).maximum)
+
+
 def print_table(table: Table, stream: TextIO | None = None) -> None:
-    Console(file=stream or sys.stdout, width=160).print(table)
+    out = stream or sys.stdout
+    Console(file=out, width=table_width(table, out)).print(table)
