@@ -187,3 +187,85 @@ def test_full_default_compare_200_cycles(full):
 @pytest.mark.slow
 def test_full_default_compare_pool_flat(full):
     check_pool_flat(full)
+
+
+# ---- scenarios, platforms and the command line ----------------------------------------------
+
+
+def test_boot_only_on_hyperv_vtom_keeps_the_contract(tmp_path):
+    """`compare --scenario boot-only --platform hyperv-vtom --json --plot`: the contract's
+    keys under their names, the new ones beside them, series by virtual hour."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    plot = tmp_path / "c.png"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "hv_netvsc_sim",
+            "compare",
+            "--scenario",
+            "boot-only",
+            "--platform",
+            "hyperv-vtom",
+            "--guest-memory",
+            "1GiB",
+            "--age-steps",
+            "10000",
+            "--strategies",
+            "pool,vmalloc-alias",
+            "--json",
+            "--quiet",
+            "--plot",
+            str(plot),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=root,
+    )
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)
+    assert doc["config"]["platform"] == "hyperv-vtom"
+    assert doc["config"]["scenario"] == "boot-only" and doc["config"]["cycles"] == 24
+    for name, r in doc["strategies"].items():
+        assert set(r) >= STRATEGY_KEYS | {"simulator_wall_seconds", "fragmentation"}, name
+        assert r["series"]["virtual_seconds"][-1] == 86_400
+        assert set(r["alloc_latency_seconds"]) >= {"p50", "p99", "max"}
+        assert "wall" not in json.dumps(r["alloc_latency_seconds"])
+    assert (
+        doc["strategies"]["vmalloc-alias"]["end_state"]["hazard_pages"]["private_alias_to_shared"]
+        > 0
+    )  # fatal on vTOM as well: the not-present window covers the transition only
+    assert set(doc["verdict"]) == set(doc["strategies"])
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--scenario", "azure-year"], "unknown scenario 'azure-year'"),
+        (["--scenario", "{bad}"], "scenario file"),
+        (["--plot", "out.jpgg"], "--plot: out.jpgg: unknown format 'jpgg'"),
+        (["--plot", "/no/such/dir/c.png"], "no directory"),
+        (["--runtime-cost-4k", "1.5"], "within [0, 1]"),
+        (["--platform", "sev"], "invalid choice: 'sev'"),
+    ],
+)
+def test_compare_bad_input_exits_2_in_one_line(args, message, tmp_path, capsys):
+    """Refused before the run starts: one line (after argparse's usage), exit status 2."""
+    from hv_netvsc_sim.cli import main
+
+    if args[1] == "{bad}":
+        bad = tmp_path / "bad.toml"
+        bad.write_text('duration = "1d"\n[[events]]\nkind = "reboot"\n')
+        args = [args[0], str(bad)]
+    with pytest.raises(SystemExit) as exc:
+        main(["compare", *args])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert len([line for line in err.splitlines() if "error:" in line]) == 1
