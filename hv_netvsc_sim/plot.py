@@ -190,6 +190,17 @@ def _latency_bars(ax: Any, strategies: Sequence[tuple[str, Any]], colors: Sequen
     for i, (_, r) in enumerate(strategies):
         if r["alloc_latency_seconds"].get("samples", 1) == 0:
             ax.text(i, 0.02, "all refused", rotation=90, ha="center", va="bottom", fontsize=8)
+        elif r["failures"]:  # its latency is that of what it could serve: say what it refused
+            top = max(p99[i], p50[i], 0.01) * 1.3
+            ax.text(
+                i,
+                top,
+                f"{r['failures']:,}\nrefused",
+                ha="center",
+                va="bottom",
+                fontsize=7.5,
+                color="firebrick",
+            )
     ax.set_xticks(x, [n for n, _ in strategies], rotation=30, ha="right", fontsize=8)
     ax.set_yscale("symlog", linthresh=0.01)
     ax.set_ylim(0, max([*p99, *p50, 0.01]) * 3)

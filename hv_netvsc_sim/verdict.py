@@ -85,7 +85,7 @@ class Verdict:
             else f"{self.fatal_hazard_pages:,} FATAL hazard pages"
         )
         damage = (
-            f"{self.splits_per_hot_add:,.1f} splits "
+            f"{self.splits_per_hot_add:,.2f} splits "
             f"({self.page_table_bytes_per_hot_add / 1024:,.1f} KiB page tables) per hot add"
         )
         parts = [
