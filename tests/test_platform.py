@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections import deque
 
+import pytest
+
 from pool.guest.costs import CostProfile
 from pool.guest.platform import (
     ERROR,
@@ -174,3 +176,25 @@ def test_none_platform_makes_no_calls():
     p = Platform("none", 1024, stats, CostProfile.load("none"), SimulatedHost())
     r = p.convert([(0, 16)], to_shared=True)
     assert r.ok and stats.hypercalls == 0 and not p.encrypts
+
+
+def test_vtom_vector_path_counts_what_the_call_by_call_path_counts():
+    """convert_pages' one-step path (a quiet SimulatedHost) and the call-by-call path (a
+    ScriptedHost) give the same counts, seconds and page states for scattered pages."""
+    import numpy as np
+
+    pfns = np.array([i * 3 for i in range(1500)] + list(range(9000, 9700)), dtype=np.int64)
+    out = []
+    for host in (SimulatedHost(), ScriptedHost(deque())):
+        stats = GuestStats()
+        p = Platform("hyperv-vtom", PAGES_PER_1G, stats, CostProfile.load("hyperv-vtom"), host)
+        a = p.convert_pages(pfns, to_shared=True)
+        b = p.convert_pages(pfns, to_shared=False)
+        out.append((a, b, stats.snapshot(), p.state[:10000].tobytes()))
+    (a1, b1, s1, st1), (a2, b2, s2, st2) = out
+    assert (a1.hypercalls, b1.hypercalls) == (a2.hypercalls, b2.hypercalls) == (5, 5)
+    assert a1.modeled_seconds == pytest.approx(a2.modeled_seconds)
+    assert s1.hypercalls == s2.hypercalls and s1.accept_calls_4k == s2.accept_calls_4k
+    assert s1.pages_accepted == s2.pages_accepted == 2200
+    assert s1.modeled_conversion_seconds == pytest.approx(s2.modeled_conversion_seconds)
+    assert st1 == st2
