@@ -280,6 +280,23 @@ def _compare(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         )
     except ValueError as exc:
         parser.error(str(exc))
+    if config.timeline.scheduled:  # a schedule decides these: a given value would be ignored
+        d = SCENARIO_DEFAULTS
+        ignored = [
+            flag
+            for flag, value, default in (
+                ("--cycles", args.cycles, COMPARE_CYCLES),
+                ("--nics", args.nics, d.nics),
+                ("--mixed-events", args.mixed_events, d.mixed_events),
+                ("--churn-steps", args.churn_steps, d.churn_steps),
+            )
+            if value != default
+        ]
+        if ignored:
+            parser.error(
+                f"{', '.join(ignored)}: the stress scenario's options; --scenario "
+                f"{config.timeline.name} has its own schedule (docs/scenarios.md)"
+            )
     if args.plot is not None:
         try:
             check_plot_path(args.plot)  # before the run: a typo must not cost the run

@@ -253,6 +253,7 @@ def test_boot_only_on_hyperv_vtom_keeps_the_contract(tmp_path):
         (["--plot", "/no/such/dir/c.png"], "no directory"),
         (["--runtime-cost-4k", "1.5"], "within [0, 1]"),
         (["--platform", "sev"], "invalid choice: 'sev'"),
+        (["--scenario", "azure-month", "--cycles", "5"], "--cycles: the stress scenario's"),
     ],
 )
 def test_compare_bad_input_exits_2_in_one_line(args, message, tmp_path, capsys):
