@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections import deque
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pool.guest.costs import CostProfile
 from pool.guest.platform import (
@@ -198,3 +200,36 @@ def test_vtom_vector_path_counts_what_the_call_by_call_path_counts():
     assert s1.pages_accepted == s2.pages_accepted == 2200
     assert s1.modeled_conversion_seconds == pytest.approx(s2.modeled_conversion_seconds)
     assert st1 == st2
+
+
+@given(
+    st.lists(st.tuples(st.integers(0, 2000), st.integers(1, 700)), min_size=1, max_size=12),
+    st.booleans(),
+)
+@settings(max_examples=60, deadline=None)
+def test_batching_calls_for_any_runs(gaps_and_lengths, to_shared):
+    """Any set of disjoint runs: vTOM makes ceil(pages / 510) calls (a PFN per page), SNP
+    ceil(entries / 64) (a 2 MiB entry only where aligned and whole), and every page ends in
+    the requested state on both."""
+    runs, p = [], 0
+    for gap, n in gaps_and_lengths:
+        p += gap
+        runs.append((p, n))
+        p += n
+    pages = sum(n for _, n in runs)
+    entries = 0
+    for start, n in runs:
+        q, end = start, start + n
+        while q < end:
+            q += PAGES_PER_2M if q % PAGES_PER_2M == 0 and end - q >= PAGES_PER_2M else 1
+            entries += 1
+    want = PAGE_SHARED if to_shared else PAGE_PRIVATE
+    for name, calls in (("hyperv-vtom", -(-pages // 510)), ("snp", -(-entries // 64))):
+        stats = GuestStats()
+        plat = Platform(name, PAGES_PER_1G, stats, CostProfile.load(name), SimulatedHost())
+        if not to_shared:
+            plat.state[:] = PAGE_SHARED
+        r = plat.convert(runs, to_shared)
+        assert r.ok and r.hypercalls == calls, name
+        for start, n in runs:
+            assert (plat.state[start : start + n] == want).all()
