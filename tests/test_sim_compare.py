@@ -212,7 +212,7 @@ def test_boot_only_on_hyperv_vtom_keeps_the_contract(tmp_path):
             "--platform",
             "hyperv-vtom",
             "--guest-memory",
-            "1GiB",
+            "2GiB",
             "--age-steps",
             "10000",
             "--strategies",
