@@ -12,7 +12,6 @@ Every wait is bounded; the daemon is stopped whatever happens.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import socket
@@ -22,6 +21,8 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
+
+from daemon.client import SyncSharedPoolClient
 
 BIN = Path(sys.executable).parent
 
@@ -106,8 +107,9 @@ def main() -> int:
                 check=True,
                 timeout=600,
             )
-            with urllib.request.urlopen(http + "/v1/pool", timeout=10) as answer:
-                stats = json.load(answer)
+            # The API (GET /v1/pool) is on the Unix socket; TCP serves metrics and the page only.
+            with SyncSharedPoolClient(f"unix:{sock}", register=False) as api:
+                stats = api.request("GET", "/v1/pool", auth=False)
             with urllib.request.urlopen(http + "/metrics", timeout=10) as answer:
                 metrics = answer.read().decode()
             wanted = (
