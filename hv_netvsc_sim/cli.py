@@ -22,6 +22,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from hv_netvsc_sim.argtypes import int_at_least
 from hv_netvsc_sim.client import PoolError, RemoteClient
 from hv_netvsc_sim.compare import (
     COMPARE_CYCLES,
@@ -51,19 +52,6 @@ from pool.provision import Guests
 from pool.registry import DEFAULT_STRATEGY, STRATEGIES
 
 SCENARIO_DEFAULTS = ScenarioConfig()  # the scenario's defaults, written once (scenario.py)
-
-
-def _int_at_least(minimum: int, what: str) -> Any:
-    def parse(text: str) -> int:
-        try:
-            value = int(text.replace("_", ""))
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{what} must be an integer: {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"{what} must be at least {minimum}: {value}")
-        return value
-
-    return parse
 
 
 def _nonneg_float(text: str) -> float:
@@ -108,7 +96,7 @@ def _add_guest_options(p: argparse.ArgumentParser) -> None:
 def _add_scenario_options(p: argparse.ArgumentParser, cycles: int, cycles_min: int) -> None:
     p.add_argument(
         "--cycles",
-        type=_int_at_least(cycles_min, "--cycles"),
+        type=int_at_least(cycles_min, "--cycles"),
         default=cycles,
         metavar="N",
         help=f"cycles: a hot remove + add of one vNIC plus the mixed events (default {cycles}"
@@ -117,14 +105,14 @@ def _add_scenario_options(p: argparse.ArgumentParser, cycles: int, cycles_min: i
     d = SCENARIO_DEFAULTS
     p.add_argument(
         "--nics",
-        type=_int_at_least(1, "--nics"),
+        type=int_at_least(1, "--nics"),
         default=d.nics,
         metavar="N",
         help=f"vNICs (default {d.nics})",
     )
     p.add_argument(
         "--mixed-events",
-        type=_int_at_least(0, "--mixed-events"),
+        type=int_at_least(0, "--mixed-events"),
         default=d.mixed_events,
         metavar="N",
         help="ring resize / MTU / channel / VF failover / traffic events per cycle "
@@ -132,7 +120,7 @@ def _add_scenario_options(p: argparse.ArgumentParser, cycles: int, cycles_min: i
     )
     p.add_argument(
         "--churn-steps",
-        type=_int_at_least(0, "--churn-steps"),
+        type=int_at_least(0, "--churn-steps"),
         default=d.churn_steps,
         metavar="N",
         help=f"guest background churn steps before each event, in-process "
@@ -140,7 +128,7 @@ def _add_scenario_options(p: argparse.ArgumentParser, cycles: int, cycles_min: i
     )
     p.add_argument(
         "--traffic-packets",
-        type=_int_at_least(0, "--traffic-packets"),
+        type=int_at_least(0, "--traffic-packets"),
         default=d.traffic_packets,
         metavar="N",
         help=f"packets each way per traffic event (default {d.traffic_packets})",

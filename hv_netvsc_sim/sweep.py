@@ -52,6 +52,7 @@ from typing import Any, TextIO
 
 import attrs
 
+from hv_netvsc_sim.argtypes import int_at_least
 from hv_netvsc_sim.sweep_cell import (
     CellRecord,
     GuestGroup,
@@ -364,16 +365,6 @@ def _scheduler_address(text: str) -> str:
     return text
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1: {value}")
-    return value
-
-
 def add_sweep_command(sub: Any) -> None:
     """Register `sweep` on the hv-netvsc-sim subparsers."""
     p = sub.add_parser(
@@ -399,7 +390,7 @@ def add_sweep_command(sub: Any) -> None:
     )
     p.add_argument(
         "--workers",
-        type=_positive,
+        type=int_at_least(1, "--workers"),
         metavar="N",
         help=f"worker processes of the local cluster (default: one per CPU, {default_workers()})",
     )
