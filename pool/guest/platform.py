@@ -422,12 +422,9 @@ class Platform:
                 p += size
         for i in range(0, len(entries), SNP_PSC_ENTRIES):
             batch = entries[i : i + SNP_PSC_ENTRIES]
-            self._charge_hypercall()
-            answer = self.host.map_gpa(batch[0][0], sum(n for _, n in batch), to_shared)
-            if answer.status != "ok":
-                for p, n in batch:
-                    self.state[p : p + n] = PAGE_UNKNOWN
-                return False, sum(n for _, n in batch)
+            failed = self._batch_call(batch, to_shared)
+            if failed:
+                return False, failed
             for p, n in batch:
                 self._set(p, n, to_shared)
                 # PVALIDATE: rescind before private -> shared, validate after shared -> private
@@ -441,6 +438,18 @@ class Platform:
                 if not to_shared:
                     self.stats.pages_accepted += n
         return True, 0
+
+    def _batch_call(self, batch: Sequence[tuple[int, int]], to_shared: bool) -> int:
+        """One batched conversion call (an SNP page-state change, a vTOM visibility call) for
+        the ``(start, npages)`` pieces of ``batch``: 0 when the host answered ok, else the
+        pages of the batch, which are left in the unknown state."""
+        self._charge_hypercall()
+        answer = self.host.map_gpa(batch[0][0], sum(n for _, n in batch), to_shared)
+        if answer.status == "ok":
+            return 0
+        for p, n in batch:
+            self.state[p : p + n] = PAGE_UNKNOWN
+        return sum(n for _, n in batch)
 
     def _convert_vtom(self, runs: Sequence[tuple[int, int]], to_shared: bool) -> tuple[bool, int]:
         """hv_vtom_set_host_visibility(): a PFN list of up to 510 entries per
@@ -463,12 +472,9 @@ class Platform:
             calls.append(pfns)
         s, c = self.stats, self.costs
         for batch in calls:
-            self._charge_hypercall()
-            answer = self.host.map_gpa(batch[0][0], sum(n for _, n in batch), to_shared)
-            if answer.status != "ok":
-                for p, n in batch:
-                    self.state[p : p + n] = PAGE_UNKNOWN
-                return False, sum(n for _, n in batch)
+            failed = self._batch_call(batch, to_shared)
+            if failed:
+                return False, failed
             for p, n in batch:
                 self._set(p, n, to_shared)
                 s.accept_calls_4k += n
