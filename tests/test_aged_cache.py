@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from support.allocator_state import allocator_state
 
 from pool import aged_cache
 from pool.aged_cache import AgedCache, age, cache_dir
@@ -27,15 +28,7 @@ def full_state(g: Guest) -> tuple[object, ...]:
     a, c = g.allocator, g.churn
     return (
         a.buddyinfo(),
-        bytes(a._state),
-        bytes(a._mt),
-        bytes(a._pageblock_mt),
-        bytes(a._next),
-        bytes(a._prev),
-        a._nr_free.tolist(),
-        a._free_pages.tolist(),
-        a._counters.tolist(),
-        a._pcp_data.tolist(),
+        allocator_state(a),
         list(c.allocations()),
         c.steps_done,
         c.allocations_made,

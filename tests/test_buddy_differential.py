@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from support.allocator_state import allocator_state
 
 from pool.guest.buddy import PageAllocator, Zone, compiled_core
 from pool.guest.migratetype import MIGRATE_PCPTYPES
@@ -52,20 +53,6 @@ def make(backend: str, batch: int, high: int) -> PageAllocator:
         for pcp in row:
             pcp.batch, pcp.high = batch, high
     return a
-
-
-def state_of(a: PageAllocator) -> tuple[object, ...]:
-    return (
-        bytes(a._state),
-        bytes(a._mt),
-        bytes(a._pageblock_mt),
-        bytes(a._next),
-        bytes(a._prev),
-        a._nr_free.tolist(),
-        a._free_pages.tolist(),
-        a._counters.tolist(),
-        a._pcp_data.tolist(),
-    )
 
 
 def churn_state(c: Churn) -> tuple[object, ...]:
@@ -182,11 +169,11 @@ def test_compiled_core_matches_the_reference(
             got = [outcome(ch.step, n, pressure) for ch in (churn_py, churn_c)]
             assert got[0] == got[1], step
             assert churn_state(churn_py) == churn_state(churn_c), step
-        assert state_of(py) == state_of(c), step
+        assert allocator_state(py) == allocator_state(c), step
     for start, npages in claims:
         py.free_range(start, npages)
         c.free_range(start, npages)
-    assert state_of(py) == state_of(c)
+    assert allocator_state(py) == allocator_state(c)
     c.check_invariants()
 
 
@@ -203,7 +190,7 @@ def test_churn_aging_matches_the_reference() -> None:
         churn = Churn(a, 11, config)
         churn.run(6_000, lambda done, total: None)
         churn.step(500, pressure=False)
-        states.append((state_of(a), churn_state(churn)))
+        states.append((allocator_state(a), churn_state(churn)))
     assert states[0] == states[1]
 
 
