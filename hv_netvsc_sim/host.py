@@ -33,6 +33,7 @@ daemon has handed a page to someone else: those checks need the in-process mode.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable
 from typing import Any
 
@@ -66,14 +67,17 @@ class GpadlRefused(HostError):
     reason = "gpadl_refused"
 
 
+_START, _NPAGES = operator.attrgetter("start"), operator.attrgetter("npages")
+
+
 def pfns_of(ranges: tuple[PfnRange, ...]) -> npt.NDArray[np.int64]:
     """The PFNs of `ranges` in virtual order, built in vector operations (a vmalloc buffer
     has thousands of one-page ranges; concatenating aranges would be slow)."""
     if len(ranges) == 1:
         r = ranges[0]
         return np.arange(r.start, r.start + r.npages, dtype=np.int64)
-    starts = np.fromiter((r.start for r in ranges), dtype=np.int64, count=len(ranges))
-    lens = np.fromiter((r.npages for r in ranges), dtype=np.int64, count=len(ranges))
+    starts = np.fromiter(map(_START, ranges), dtype=np.int64, count=len(ranges))
+    lens = np.fromiter(map(_NPAGES, ranges), dtype=np.int64, count=len(ranges))
     if (lens == 1).all():
         return starts
     offsets = np.cumsum(lens) - lens
@@ -198,7 +202,8 @@ class HyperVHost:
                     f"GPADL for buffer {buffer.id} ({buffer.purpose}) refused: "
                     f"{bad} of {npages} pages are not shared with the host"
                 )
-        self._ensure_owner(max(r.start + r.npages for r in ranges))
+        top = int(pfns.max()) + 1 if pfns is not None else max(r.start + r.npages for r in ranges)
+        self._ensure_owner(top)
         taken = self._count(self._owner, ranges, pfns, 0)  # pages in another GPADL
         if taken:
             self.stats.gpadls_refused += 1

@@ -22,6 +22,7 @@ channel.c does since CVE-2024-36911. No background behaviour.
 
 from __future__ import annotations
 
+import itertools
 from typing import ClassVar
 
 import numpy as np
@@ -98,8 +99,7 @@ class VmallocStrategy:
                 "no_memory",
                 f"vzalloc({size}): the page allocator ran out after {len(pfns)} of {npages} pages",
             )
-        runs = runs_of(pfns)
-        g.zero(runs)
+        g.zero(pfns)
         area = g.vmap(pfns, shared=False)
         area, result = g.set_vmalloc_decrypted(area, alias=self.alias)
         if not result.ok:
@@ -114,7 +114,7 @@ class VmallocStrategy:
             size=size,
             owner=owner,
             purpose=purpose,
-            ranges=tuple(PfnRange(s, n) for s, n in runs),
+            ranges=tuple(itertools.starmap(PfnRange, runs_of(pfns))),
             va=area.va,
         )
         led.add(buf)

@@ -22,6 +22,7 @@ import attrs
 import numpy as np
 import numpy.typing as npt
 
+from pool.guest.uniq import unique
 from pool.guest.units import PAGE_SIZE, PAGES_PER_1G, PAGES_PER_2M
 
 PRIVATE = 0
@@ -281,10 +282,10 @@ class DirectMap:
         if pfns.min() < 0 or pfns.max() >= self.end_pfn or not self.ram[pfns].all():
             raise ValueError("page list includes pages that are not RAM")
         before = self.splits()
-        for g in np.unique(pfns >> _SHIFT_1G).tolist():
+        for g in unique(pfns >> _SHIFT_1G).tolist():
             if self.is_1g[g] and self.attr[g << _SHIFT_1G] != attr:
                 self._split_1g(g)
-        for m in np.unique(pfns >> _SHIFT_2M).tolist():
+        for m in unique(pfns >> _SHIFT_2M).tolist():
             if self.level[m] == LEAF_2M and self.attr[m << _SHIFT_2M] != attr:
                 self._split_2m(m)
         self.attr[pfns] = attr

@@ -25,6 +25,7 @@ import numpy.typing as npt
 
 from pool.guest.directmap import PRIVATE, SHARED
 from pool.guest.platform import PAGE_PRIVATE, PAGE_SHARED, PAGE_UNKNOWN, PlatformSpec
+from pool.guest.uniq import unique
 
 if TYPE_CHECKING:
     from pool.guest.machine import Guest
@@ -215,7 +216,7 @@ class HazardCounts:
         hit = guest.platform.state[pfns] == opposite
         if not hit.any():
             return 0
-        q = np.unique(pfns[hit])
+        q = unique(pfns[hit])
         dm = guest.direct_map
         alias_hazard = dm.ram[q] & (dm.attr[q] == attr)
         return int(np.count_nonzero((self._counter(attr)[q] == 0) & ~alias_hazard))

@@ -37,6 +37,7 @@ from pool.guest.directmap import IN_1G, LEAF_2M, LEAF_4K, NO_RAM, PRIVATE, SHARE
 from pool.guest.hazards import KINDS
 from pool.guest.machine import Guest
 from pool.guest.platform import PAGE_PRIVATE, PAGE_SHARED, PAGE_UNKNOWN
+from pool.guest.uniq import unique
 from pool.guest.units import PAGE_SIZE, PAGES_PER_2M
 
 _T = TypeVar("_T", bound=np.generic)
@@ -188,7 +189,7 @@ def _hazard_regions(
         split[_any_nonzero(attr_rows[split].ravel(), len(split))] if len(split) else split
     )
     vm_shared = [a.pfns >> 9 for a in guest.vmalloc if a.attr == SHARED]
-    candidates = np.unique(
+    candidates = unique(
         np.concatenate((odd, shared_leaf, shared_alias, *vm_shared)).astype(np.int64)
     )
     if not len(candidates):
