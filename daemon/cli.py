@@ -45,6 +45,7 @@ from daemon.journal import Journal
 from daemon.state import check_state_config
 from daemon.statedir import StateDirError, lock_state_dir
 from pool import __version__
+from pool.strictargs import StrictParser
 
 log = logging.getLogger("sharedpoold")
 
@@ -78,7 +79,7 @@ serves reads, refuses changes (503 storage-full) and resumes when space returns.
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = StrictParser(
         prog="sharedpoold",
         description="The sharedpool daemon: one pre-decrypted shared-buffer pool over a "
         "simulated confidential guest, served over a Unix socket (and optionally "

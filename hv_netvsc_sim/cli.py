@@ -50,6 +50,7 @@ from pool.guest import GuestConfig
 from pool.guest.options import add_guest_arguments, check_guest_args
 from pool.provision import Guests
 from pool.registry import DEFAULT_STRATEGY, STRATEGIES
+from pool.strictargs import StrictParser
 
 SCENARIO_DEFAULTS = ScenarioConfig()  # the scenario's defaults, written once (scenario.py)
 
@@ -136,7 +137,7 @@ def _add_scenario_options(p: argparse.ArgumentParser, cycles: int, cycles_min: i
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = StrictParser(
         prog="hv-netvsc-sim",
         description="A simulated hv_netvsc driver and Hyper-V host exercising shared-buffer "
         "strategies on a simulated confidential guest.",

@@ -63,6 +63,7 @@ from hv_netvsc_sim.sweep_cell import (
 from hv_netvsc_sim.sweep_grid import Cell, Grid, GridError, load_grid
 from hv_netvsc_sim.sweep_store import ResultStore, check_metric
 from hv_netvsc_sim.sweep_summary import plot_summary, print_summary, summarize
+from pool.strictargs import StrictParser
 
 __all__ = [
     "SweepOutcome",
@@ -477,7 +478,7 @@ def _sweep(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """`python -m hv_netvsc_sim.sweep ...` (the same as `hv-netvsc-sim sweep ...`)."""
-    parser = argparse.ArgumentParser(prog="hv-netvsc-sim")
+    parser = StrictParser(prog="hv-netvsc-sim")
     add_sweep_command(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["sweep", *(sys.argv[1:] if argv is None else argv)])
     try:

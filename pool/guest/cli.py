@@ -35,6 +35,7 @@ from pool.guest.ptdump import DEFAULT_PAGE_OFFSET, format_ptdump, parse_ptdump
 from pool.guest.replay import parse_changes, render_replay, replay, replay_json
 from pool.guest.report import render
 from pool.guest.units import PAGE_SHIFT, GiB, format_size
+from pool.strictargs import StrictParser
 
 
 def progress_printer(label: str) -> Callable[[int, int], None]:
@@ -372,7 +373,7 @@ def _add_experiment(sub: Any) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = StrictParser(
         prog="python -m pool.guest",
         description="The simulated confidential guest: page allocator, direct map, conversions.",
     )
