@@ -33,7 +33,6 @@ daemon has handed a page to someone else: those checks need the in-process mode.
 
 from __future__ import annotations
 
-import operator
 from collections.abc import Callable
 from typing import Any
 
@@ -67,24 +66,6 @@ class GpadlRefused(HostError):
     reason = "gpadl_refused"
 
 
-_START, _NPAGES = operator.attrgetter("start"), operator.attrgetter("npages")
-
-
-def pfns_of(ranges: tuple[PfnRange, ...]) -> npt.NDArray[np.int64]:
-    """The PFNs of `ranges` in virtual order, built in vector operations (a vmalloc buffer
-    has thousands of one-page ranges; concatenating aranges would be slow)."""
-    if len(ranges) == 1:
-        r = ranges[0]
-        return np.arange(r.start, r.start + r.npages, dtype=np.int64)
-    starts = np.fromiter(map(_START, ranges), dtype=np.int64, count=len(ranges))
-    lens = np.fromiter(map(_NPAGES, ranges), dtype=np.int64, count=len(ranges))
-    if (lens == 1).all():
-        return starts
-    offsets = np.cumsum(lens) - lens
-    total = int(lens.sum())
-    return np.repeat(starts - offsets, lens) + np.arange(total, dtype=np.int64)
-
-
 FEW_RANGES = 8  # up to this many PFN ranges, work on slices; beyond, on a page array
 
 
@@ -100,7 +81,7 @@ class Gpadl:
     def pfns(self) -> npt.NDArray[np.int64]:
         """The pages in GPADL order (built on first use: traffic needs them, set-up does not)."""
         if self._pfns is None:
-            self._pfns = pfns_of(self.buffer.ranges)
+            self._pfns = self.buffer.pfns()
         return self._pfns
 
 
@@ -190,7 +171,7 @@ class HyperVHost:
         """vmbus_establish_gpadl: take the buffer's PFN list; refuse private pages."""
         ranges = buffer.ranges
         npages = buffer.npages
-        pfns = pfns_of(ranges) if len(ranges) > FEW_RANGES else None
+        pfns = buffer.pfns() if len(ranges) > FEW_RANGES else None
         self.stats.gpadl_messages += gpadl_messages(npages)
         guest = self.guest
         if guest is not None and guest.platform.encrypts:

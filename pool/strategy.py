@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import operator
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
@@ -46,6 +47,24 @@ class PfnRange:
     npages: int
 
 
+_START, _NPAGES = operator.attrgetter("start"), operator.attrgetter("npages")
+
+
+def pfns_of(ranges: tuple[PfnRange, ...]) -> npt.NDArray[np.int64]:
+    """The PFNs of `ranges` in virtual order, built in vector operations (a vmalloc buffer
+    has hundreds of scattered ranges; concatenating one arange per range was slow)."""
+    if len(ranges) == 1:
+        r = ranges[0]
+        return np.arange(r.start, r.start + r.npages, dtype=np.int64)
+    starts = np.fromiter(map(_START, ranges), dtype=np.int64, count=len(ranges))
+    lens = np.fromiter(map(_NPAGES, ranges), dtype=np.int64, count=len(ranges))
+    if (lens == 1).all():
+        return starts
+    offsets = np.cumsum(lens) - lens
+    total = int(lens.sum())
+    return np.repeat(starts - offsets, lens) + np.arange(total, dtype=np.int64)
+
+
 @attrs.frozen
 class Buffer:
     """A shared buffer handed to a driver. `ranges` are in virtual order; `va` is the start of
@@ -67,12 +86,7 @@ class Buffer:
         return gpadl_messages(self.npages)
 
     def pfns(self) -> npt.NDArray[np.int64]:
-        if len(self.ranges) == 1:
-            r = self.ranges[0]
-            return np.arange(r.start, r.start + r.npages, dtype=np.int64)
-        return np.concatenate(
-            [np.arange(r.start, r.start + r.npages, dtype=np.int64) for r in self.ranges]
-        )
+        return pfns_of(self.ranges)
 
     def runs(self) -> list[tuple[int, int]]:
         return [(r.start, r.npages) for r in self.ranges]

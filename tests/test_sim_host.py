@@ -13,11 +13,11 @@ from hv_netvsc_sim.device import (
     NETVSC_MAX_TX_SECTIONS,
     DeviceSettings,
 )
-from hv_netvsc_sim.host import GpadlRefused, HostError, HyperVHost, pfns_of
+from hv_netvsc_sim.host import GpadlRefused, HostError, HyperVHost
 from pool import make_strategy
 from pool.guest import PAGE_PRIVATE, Guest, GuestConfig
 from pool.guest.units import MiB
-from pool.strategy import Buffer, PfnRange
+from pool.strategy import Buffer, PfnRange, pfns_of
 
 
 @pytest.fixture

@@ -362,14 +362,8 @@ class Guest:
         """Clear pages (vzalloc / __GFP_ZERO): nobody sees a previous owner's data. A page
         list clears in one indexed store (an aged guest's vmalloc buffer has hundreds of
         runs: a slice store per run was 5 % of a vmalloc strategy's run)."""
-        if isinstance(runs, np.ndarray):
-            self.content[runs] = 0
-            n = len(runs)
-        else:
-            n = 0
-            for start, npages in runs:
-                self.content[start : start + npages] = 0
-                n += npages
+        self.write(runs, 0)  # tag 0: no one's data
+        n = len(runs) if isinstance(runs, np.ndarray) else sum(k for _, k in runs)
         self.stats.pages_zeroed += n
         self.stats.modeled_zeroing_seconds += n * self.costs.zero_page_seconds
 
