@@ -42,7 +42,7 @@ import numpy.typing as npt
 
 from pool.guest import PAGE_SHARED, Guest
 from pool.guest.units import PAGE_SHIFT
-from pool.strategy import Buffer, PfnRange, gpadl_messages
+from pool.strategy import Buffer, Ranges, gpadl_messages
 
 RECV_SECTION_SIZE = 1728  # NETVSC_RECV_SECTION_SIZE
 SEND_SECTION_SIZE = 6144  # NETVSC_SEND_SECTION_SIZE
@@ -143,7 +143,7 @@ class HyperVHost:
     def _count(
         self,
         array: npt.NDArray[Any],
-        ranges: tuple[PfnRange, ...],
+        ranges: Ranges,
         pfns: npt.NDArray[np.int64] | None,
         value: int,
     ) -> int:
@@ -158,9 +158,7 @@ class HyperVHost:
             n += int(count(view) if value == 0 else count(view != value))
         return n
 
-    def _mark(
-        self, ranges: tuple[PfnRange, ...], pfns: npt.NDArray[np.int64] | None, value: int
-    ) -> None:
+    def _mark(self, ranges: Ranges, pfns: npt.NDArray[np.int64] | None, value: int) -> None:
         if pfns is not None:
             self._owner[pfns] = value
         else:

@@ -22,20 +22,19 @@ channel.c does since CVE-2024-36911. No background behaviour.
 
 from __future__ import annotations
 
-import itertools
 from typing import ClassVar
 
 import numpy as np
 import numpy.typing as npt
 
-from pool.guest import PRIVATE, SHARED, Guest, VmArea, runs_of
+from pool.guest import PRIVATE, SHARED, Guest, VmArea
 from pool.guest.units import PAGE_SIZE
 from pool.ownership import Ledger, assert_never_returned, assert_pages_shared
 from pool.strategy import (
     MAX_SIZE,
     Buffer,
     FreeResult,
-    PfnRange,
+    PageRuns,
     StrategyStats,
     round_pages,
     size_limit,
@@ -114,7 +113,7 @@ class VmallocStrategy:
             size=size,
             owner=owner,
             purpose=purpose,
-            ranges=tuple(itertools.starmap(PfnRange, runs_of(pfns))),
+            ranges=PageRuns(pfns),
             va=area.va,
         )
         led.add(buf)

@@ -29,6 +29,7 @@ from support.allocator_state import allocator_state
 from pool.guest.buddy import PageAllocator, Zone, compiled_core
 from pool.guest.migratetype import MIGRATE_PCPTYPES
 from pool.guest.units import MAX_PAGE_ORDER
+from pool.guest.vmalloc import vm_area_alloc_pages
 from pool.guest.workload import Churn, ChurnConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -76,6 +77,10 @@ def outcome(fn: object, *args: object) -> tuple[str, object]:
         return type(exc).__name__, str(exc)
 
 
+def vmalloc_list(a: PageAllocator, n: int, cpu: int) -> list[int]:
+    return list(vm_area_alloc_pages(a, n, cpu).tolist())
+
+
 mts = st.integers(0, MIGRATE_PCPTYPES - 1)
 cpus = st.integers(0, CPUS - 1)
 op = st.one_of(
@@ -90,6 +95,7 @@ op = st.one_of(
     st.tuples(st.just("free"), st.integers(0, 10**6), cpus),
     st.tuples(st.just("alloc_bulk"), st.integers(0, 300), st.sampled_from(ZONELISTS), mts, cpus),
     st.tuples(st.just("free_bulk"), st.integers(1, 400), cpus),
+    st.tuples(st.just("vmalloc"), st.integers(0, 700), cpus),
     st.tuples(
         st.just("drain"),
     ),
@@ -137,6 +143,12 @@ def test_compiled_core_matches_the_reference(
         elif kind == "alloc_bulk":
             _, n, zonelist, mt, cpu = step
             got = [outcome(a.alloc_bulk, n, zonelist, mt, cpu) for a in (py, c)]
+            assert got[0] == got[1], step
+            if got[0][0] == "ok":
+                live.extend((pfn, 0) for pfn in got[0][1])  # type: ignore[union-attr]
+        elif kind == "vmalloc":
+            _, n, cpu = step
+            got = [outcome(vmalloc_list, a, n, cpu) for a in (py, c)]
             assert got[0] == got[1], step
             if got[0][0] == "ok":
                 live.extend((pfn, 0) for pfn in got[0][1])  # type: ignore[union-attr]

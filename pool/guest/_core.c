@@ -520,6 +520,49 @@ static PyObject *Core_alloc(Core *c, PyObject *args) {
     return PyLong_FromLongLong(core_alloc(c, order, zis, nzis, nofragment, mt, cpu));
 }
 
+/* __alloc_pages_bulk() into `out` (room for nr_pages): the pages taken, in order. Never
+ * fails in the Python sense: no page is not an error. See PageAllocator.alloc_bulk. */
+static Py_ssize_t bulk_take(Core *c, Py_ssize_t nr_pages, const int *zis, int nzis,
+                            int nofragment, int mt, int cpu, int64_t *out) {
+    int chosen = -1;
+    if (nr_pages > 1 && c->cpus) {
+        for (int i = 0; i < nzis; i++) {
+            int zi = zis[i];
+            if (c->free_pages[zi] > c->low_wmark[zi] + nr_pages) {
+                chosen = zi;
+                break;
+            }
+        }
+    }
+    Py_ssize_t got = 0;
+    if (chosen >= 0) {
+        int64_t *pcp = pcp_of(c, chosen, cpu);
+        int pindex = mt;
+        while (got < nr_pages) {
+            int64_t pfn = rmqueue_pcp_list(c, chosen, 0, mt, 0, pcp, pindex);
+            if (pfn < 0) break;
+            c->state[pfn] = S_ALLOC;
+            c->mt[pfn] = (uint8_t)mt;
+            out[got++] = pfn;
+        }
+        c->counters[0] += got;
+    }
+    if (got == 0) {
+        int64_t pfn = core_alloc(c, 0, zis, nzis, nofragment, mt, cpu);
+        if (pfn >= 0) out[got++] = pfn;
+    }
+    return got;
+}
+
+static int parse_bulk_args(Core *c, PyObject *zseq, int mt, int cpu, int *zis, int *nzis) {
+    if (mt < 0 || mt >= MIGRATE_PCPTYPES) {
+        PyErr_SetString(PyExc_ValueError, "migratetype out of range");
+        return -1;
+    }
+    if (parse_zis(c, zseq, zis, nzis) < 0 || check_cpu(c, cpu) < 0) return -1;
+    return 0;
+}
+
 /* PageAllocator.alloc_bulk: __alloc_pages_bulk() */
 static PyObject *Core_alloc_bulk(Core *c, PyObject *args) {
     Py_ssize_t nr_pages;
@@ -531,51 +574,58 @@ static PyObject *Core_alloc_bulk(Core *c, PyObject *args) {
         return NULL;
     }
     if (nr_pages <= 0) return PyList_New(0);
-    if (parse_zis(c, zseq, zis, &nzis) < 0 || check_cpu(c, cpu) < 0) return NULL;
-    int chosen = -1;
-    if (nr_pages > 1 && c->cpus) {
-        for (int i = 0; i < nzis; i++) {
-            int zi = zis[i];
-            if (c->free_pages[zi] > c->low_wmark[zi] + nr_pages) {
-                chosen = zi;
-                break;
-            }
+    if (parse_bulk_args(c, zseq, mt, cpu, zis, &nzis) < 0) return NULL;
+    int64_t *pages = PyMem_Malloc((size_t)nr_pages * sizeof(int64_t));
+    if (!pages) return PyErr_NoMemory();
+    Py_ssize_t got = bulk_take(c, nr_pages, zis, nzis, nofragment, mt, cpu, pages);
+    PyObject *out = PyList_New(got);
+    for (Py_ssize_t i = 0; out && i < got; i++) {
+        PyObject *v = PyLong_FromLongLong(pages[i]);
+        if (!v) {
+            Py_CLEAR(out); /* the pages stay taken, as the Python loop leaves them */
+            break;
         }
+        PyList_SET_ITEM(out, i, v);
     }
-    PyObject *out = PyList_New(0);
+    PyMem_Free(pages);
+    return out;
+}
+
+/* vm_area_alloc_pages(nr_pages, request_max, zone_indexes, nofragment, migratetype, cpu)
+ * -> bytearray of int64 pfns: pool.guest.vmalloc.vm_area_alloc_pages's loop (bulk requests
+ * of at most request_max pages until one comes back short, then single pages until one
+ * fails), in one call instead of one per 100 pages. */
+static PyObject *Core_vm_area_alloc_pages(Core *c, PyObject *args) {
+    Py_ssize_t nr_pages, request_max;
+    int nofragment, mt, cpu, zis[MAX_ZONES], nzis;
+    PyObject *zseq;
+    if (!PyArg_ParseTuple(args, "nnOpii", &nr_pages, &request_max, &zseq, &nofragment, &mt,
+                          &cpu))
+        return NULL;
+    if (request_max < 1) {
+        PyErr_SetString(PyExc_ValueError, "request_max must be >= 1");
+        return NULL;
+    }
+    if (nr_pages < 0) nr_pages = 0;
+    if (parse_bulk_args(c, zseq, mt, cpu, zis, &nzis) < 0) return NULL;
+    PyObject *out = PyByteArray_FromStringAndSize(NULL, nr_pages * (Py_ssize_t)sizeof(int64_t));
     if (!out) return NULL;
-    if (chosen >= 0) {
-        int64_t *pcp = pcp_of(c, chosen, cpu);
-        int pindex = mt;
-        Py_ssize_t got = 0;
-        while (got < nr_pages) {
-            int64_t pfn = rmqueue_pcp_list(c, chosen, 0, mt, 0, pcp, pindex);
-            if (pfn < 0) break;
-            c->state[pfn] = S_ALLOC;
-            c->mt[pfn] = (uint8_t)mt;
-            PyObject *v = PyLong_FromLongLong(pfn);
-            if (!v || PyList_Append(out, v) < 0) {
-                Py_XDECREF(v);
-                c->counters[0] += got + 1; /* the page is taken: keep the counter right */
-                Py_DECREF(out);
-                return NULL;
-            }
-            Py_DECREF(v);
-            got++;
-        }
-        c->counters[0] += got;
+    int64_t *pages = (int64_t *)PyByteArray_AS_STRING(out);
+    Py_ssize_t got = 0;
+    while (got < nr_pages) {
+        Py_ssize_t request = nr_pages - got < request_max ? nr_pages - got : request_max;
+        Py_ssize_t n = bulk_take(c, request, zis, nzis, nofragment, mt, cpu, pages + got);
+        got += n;
+        if (n != request) break;
     }
-    if (PyList_GET_SIZE(out) == 0) {
+    while (got < nr_pages) {
         int64_t pfn = core_alloc(c, 0, zis, nzis, nofragment, mt, cpu);
-        if (pfn >= 0) {
-            PyObject *v = PyLong_FromLongLong(pfn);
-            if (!v || PyList_Append(out, v) < 0) {
-                Py_XDECREF(v);
-                Py_DECREF(out);
-                return NULL;
-            }
-            Py_DECREF(v);
-        }
+        if (pfn < 0) break;
+        pages[got++] = pfn;
+    }
+    if (PyByteArray_Resize(out, got * (Py_ssize_t)sizeof(int64_t)) < 0) {
+        Py_DECREF(out);
+        return NULL;
     }
     return out;
 }
@@ -1134,6 +1184,9 @@ static PyMethodDef Core_methods[] = {
      "alloc(order, zone_indexes, nofragment, migratetype, cpu) -> pfn or -1"},
     {"alloc_bulk", (PyCFunction)Core_alloc_bulk, METH_VARARGS,
      "alloc_bulk(nr_pages, zone_indexes, nofragment, migratetype, cpu) -> list of pfns"},
+    {"vm_area_alloc_pages", (PyCFunction)Core_vm_area_alloc_pages, METH_VARARGS,
+     "vm_area_alloc_pages(nr_pages, request_max, zone_indexes, nofragment, migratetype, cpu)"
+     " -> bytearray of int64 pfns"},
     {"free", (PyCFunction)Core_free, METH_VARARGS,
      "free(pfn, order, cpu) -> False (nothing done) if pfn is not allocated at that order"},
     {"free_bulk", (PyCFunction)Core_free_bulk, METH_VARARGS,

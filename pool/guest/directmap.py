@@ -22,7 +22,7 @@ import attrs
 import numpy as np
 import numpy.typing as npt
 
-from pool.guest.uniq import unique
+from pool.guest.uniq import unique_sorted
 from pool.guest.units import PAGE_SIZE, PAGES_PER_1G, PAGES_PER_2M
 
 PRIVATE = 0
@@ -279,15 +279,18 @@ class DirectMap:
         the same as the kernel's page-by-page loop, whose splits do not depend on order."""
         if len(pfns) == 0:
             return SplitCounts()
-        if pfns.min() < 0 or pfns.max() >= self.end_pfn or not self.ram[pfns].all():
+        pages = np.sort(pfns)  # one sort: the 1 GiB and 2 MiB region numbers follow sorted
+        if pages[0] < 0 or pages[-1] >= self.end_pfn or not self.ram[pages].all():
             raise ValueError("page list includes pages that are not RAM")
         before = self.splits()
-        for g in unique(pfns >> _SHIFT_1G).tolist():
-            if self.is_1g[g] and self.attr[g << _SHIFT_1G] != attr:
-                self._split_1g(g)
-        for m in unique(pfns >> _SHIFT_2M).tolist():
-            if self.level[m] == LEAF_2M and self.attr[m << _SHIFT_2M] != attr:
-                self._split_2m(m)
+        gs = unique_sorted(pages >> _SHIFT_1G)
+        gs = gs[(self.is_1g[gs] != 0) & (self.attr[gs << _SHIFT_1G] != attr)]
+        for g in gs.tolist():
+            self._split_1g(g)  # its 2 MiB leaves keep the 1 GiB leaf's attribute
+        ms = unique_sorted(pages >> _SHIFT_2M)
+        ms = ms[(self.level[ms] == LEAF_2M) & (self.attr[ms << _SHIFT_2M] != attr)]
+        for m in ms.tolist():
+            self._split_2m(m)
         self.attr[pfns] = attr
         after = self.splits()
         return SplitCounts(after.level2 - before.level2, after.level3 - before.level3)

@@ -321,7 +321,7 @@ class Guest:
         """vmalloc's page allocation (vm_area_alloc_pages(): the bulk allocator in requests of
         at most 100 pages, then single pages), unmovable, on vCPU 0. May return fewer than
         `npages` pages when memory is short; the caller gives them back."""
-        return np.asarray(vm_area_alloc_pages(self.allocator, npages), dtype=np.int64)
+        return vm_area_alloc_pages(self.allocator, npages)
 
     def claim_range(self, start_pfn: int, npages: int) -> bool:
         return self.allocator.claim_range(start_pfn, npages)

@@ -12,12 +12,17 @@ from __future__ import annotations
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["unique"]
+__all__ = ["unique", "unique_sorted"]
 
 
 def unique(values: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
     """np.unique(values) for a 1-D integer array: sorted, each value once."""
-    s = np.sort(values)
+    return unique_sorted(np.sort(values))
+
+
+def unique_sorted(s: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
+    """unique() of an array already sorted ascending (no second sort: the region numbers of
+    sorted pages, `pages >> 9`, are sorted too)."""
     if len(s) < 2:
         return s
     keep = np.empty(len(s), dtype=bool)
