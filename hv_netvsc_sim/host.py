@@ -42,7 +42,7 @@ import numpy.typing as npt
 
 from pool.guest import PAGE_SHARED, Guest
 from pool.guest.units import PAGE_SHIFT
-from pool.strategy import Buffer, Ranges, gpadl_messages
+from pool.strategy import Buffer, PageRuns, Ranges, gpadl_messages
 
 RECV_SECTION_SIZE = 1728  # NETVSC_RECV_SECTION_SIZE
 SEND_SECTION_SIZE = 6144  # NETVSC_SEND_SECTION_SIZE
@@ -83,6 +83,15 @@ class Gpadl:
         if self._pfns is None:
             self._pfns = self.buffer.pfns()
         return self._pfns
+
+
+def _page_array(buffer: Buffer) -> npt.NDArray[np.int64] | None:
+    """The buffer's page array where slices would be slow: a page list's (its PageRuns has
+    it, no runs to compute) or beyond FEW_RANGES ranges; None: work on the ranges' slices."""
+    ranges = buffer.ranges
+    if isinstance(ranges, PageRuns) or len(ranges) > FEW_RANGES:
+        return buffer.pfns()
+    return None
 
 
 @attrs.define
@@ -169,7 +178,7 @@ class HyperVHost:
         """vmbus_establish_gpadl: take the buffer's PFN list; refuse private pages."""
         ranges = buffer.ranges
         npages = buffer.npages
-        pfns = buffer.pfns() if len(ranges) > FEW_RANGES else None
+        pfns = _page_array(buffer)
         self.stats.gpadl_messages += gpadl_messages(npages)
         guest = self.guest
         if guest is not None and guest.platform.encrypts:
@@ -205,7 +214,7 @@ class HyperVHost:
         if gpadl is None:
             raise HostError(f"no GPADL with handle {handle:#x}", "unknown_gpadl")
         ranges = gpadl.buffer.ranges
-        self._mark(ranges, gpadl.pfns if len(ranges) > FEW_RANGES else None, 0)
+        self._mark(ranges, gpadl.pfns if _page_array(gpadl.buffer) is not None else None, 0)
         self.stats.gpadls_torn_down += 1
 
     # ---- channels and NVSP ---------------------------------------------------------------

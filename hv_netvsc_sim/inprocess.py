@@ -240,8 +240,10 @@ class InProcessRun:
     cycles_done: int
     run_seconds: float
     model_seconds: float
-    allocation_counts: tuple[Counts, ...] = ()  # per successful allocate call, in order
-    allocation_modeled_seconds: tuple[float, ...] = ()
+    # per successful allocate call, in order (not in the repr: thousands of Counts, and on
+    # Python 3.11 asyncio.run's exit formats its task, result included, ~15 ms a run)
+    allocation_counts: tuple[Counts, ...] = attrs.field(default=(), repr=False)
+    allocation_modeled_seconds: tuple[float, ...] = attrs.field(default=(), repr=False)
 
 
 async def run_in_process(
