@@ -22,7 +22,7 @@ import attrs
 import numpy as np
 import numpy.typing as npt
 
-from pool.guest.uniq import unique_sorted
+from pool.guest.uniq import unique, unique_sorted
 from pool.guest.units import PAGE_SIZE, PAGES_PER_1G, PAGES_PER_2M
 
 PRIVATE = 0
@@ -272,14 +272,22 @@ class DirectMap:
         after = self.splits()
         return SplitCounts(after.level2 - before.level2, after.level3 - before.level3)
 
-    def set_pages(self, pfns: npt.NDArray[np.int64], attr: int) -> SplitCounts:
+    def set_pages(
+        self,
+        pfns: npt.NDArray[np.int64],
+        attr: int,
+        distinct: npt.NDArray[np.int64] | None = None,
+    ) -> SplitCounts:
         """Change the attribute of scattered pages one at a time (cpa alias processing of a
         vmalloc range): a page never covers a whole large leaf, so every large leaf holding
         one of the pages splits unless it already carries `attr`. Vectorized; the result is
-        the same as the kernel's page-by-page loop, whose splits do not depend on order."""
+        the same as the kernel's page-by-page loop, whose splits do not depend on order.
+        `distinct`: unique(pfns) when the caller has it (a vmalloc area's, pool.guest.uniq.
+        distinct_pages), saving a sort."""
         if len(pfns) == 0:
             return SplitCounts()
-        pages = np.sort(pfns)  # one sort: the 1 GiB and 2 MiB region numbers follow sorted
+        # sorted once (the region numbers of sorted pages are sorted), or as the caller has them
+        pages = unique(pfns) if distinct is None else distinct
         if pages[0] < 0 or pages[-1] >= self.end_pfn or not self.ram[pages].all():
             raise ValueError("page list includes pages that are not RAM")
         before = self.splits()
@@ -291,7 +299,7 @@ class DirectMap:
         ms = ms[(self.level[ms] == LEAF_2M) & (self.attr[ms << _SHIFT_2M] != attr)]
         for m in ms.tolist():
             self._split_2m(m)
-        self.attr[pfns] = attr
+        self.attr[pages] = attr
         after = self.splits()
         return SplitCounts(after.level2 - before.level2, after.level3 - before.level3)
 

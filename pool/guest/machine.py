@@ -40,7 +40,7 @@ from pool.guest.platform import (
     platform_spec,
 )
 from pool.guest.stats import Counts, GuestStats
-from pool.guest.uniq import unique
+from pool.guest.uniq import distinct_pages
 from pool.guest.units import NR_ORDERS, PAGE_SHIFT, PAGE_SIZE, PAGES_PER_2M, GiB, MiB, format_size
 from pool.guest.vmalloc import VmallocSpace, VmArea, vm_area_alloc_pages
 from pool.guest.workload import Churn, ChurnConfig
@@ -427,11 +427,11 @@ class Guest:
 
         def tables() -> SplitCounts:
             holder.append(self.vmalloc.set_attr(area, attr))
-            return self.direct_map.set_pages(area.pfns, attr) if alias else SplitCounts()
+            return self.direct_map.set_pages(area.pfns, attr, pages) if alias else SplitCounts()
 
         # vmalloc addresses are converted page by page (tdx_enc_status_changed);
         # SNP batches them into page-state-change requests anyway
-        pages = unique(area.pfns)
+        pages = distinct_pages(area.pfns)
         old_attr = self.vmalloc.areas[area.id].attr if area.id in self.vmalloc.areas else area.attr
         before = self.hazard_counts.before(self, pages)
         try:

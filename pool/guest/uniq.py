@@ -9,10 +9,12 @@ and after), so `compare` spent a fifth of its vmalloc runs here.
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["unique", "unique_sorted"]
+__all__ = ["distinct_pages", "unique", "unique_sorted"]
 
 
 def unique(values: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
@@ -29,3 +31,26 @@ def unique_sorted(s: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
     keep[0] = True
     np.not_equal(s[1:], s[:-1], out=keep[1:])
     return s[keep]
+
+
+_DISTINCT_CACHED = 8
+_distinct: OrderedDict[int, tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]] = OrderedDict()
+
+
+def distinct_pages(pfns: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
+    """unique(pfns) of a page array that is never written after it is made (a vmalloc area's
+    pages), remembered for the last few arrays: an area's pages are sorted once, not again
+    by each conversion (decrypt, encrypt) and by each direct-map alias change. The array is
+    the key (by identity, held alive by the entry, so no other array takes its id while it
+    is cached); a stale entry cannot arise because the arrays given here are not mutated."""
+    key = id(pfns)
+    hit = _distinct.get(key)
+    if hit is not None and hit[0] is pfns:
+        _distinct.move_to_end(key)
+        return hit[1]
+    pages = unique(pfns)
+    pages.flags.writeable = False
+    _distinct[key] = (pfns, pages)
+    if len(_distinct) > _DISTINCT_CACHED:
+        _distinct.popitem(last=False)
+    return pages

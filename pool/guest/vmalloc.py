@@ -99,7 +99,9 @@ class VmallocSpace:
     def map(self, pfns: npt.NDArray[np.int64], attr: int) -> VmArea:
         if len(pfns) == 0:
             raise ValueError("cannot map an empty page list")
-        area = VmArea(self._next_id, self._next_va, pfns.astype(np.int64, copy=False), attr)
+        pages = pfns.astype(np.int64, copy=False).view()
+        pages.flags.writeable = False  # an area's page list never changes (uniq.distinct_pages)
+        area = VmArea(self._next_id, self._next_va, pages, attr)
         self._next_id += 1
         self._next_va += (len(pfns) + 1) * PAGE_SIZE  # guard page
         self.areas[area.id] = area
