@@ -79,6 +79,10 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
+# one decoder (json.loads with hooks builds a JSONDecoder per call)
+_DECODER = json.JSONDecoder(object_pairs_hook=_no_dup_object, parse_constant=_reject_constant)
+
+
 def _depth(obj: Any) -> int:
     depth, stack = 0, [(obj, 1)]
     while stack:
@@ -124,9 +128,7 @@ async def read_body(request: web.Request, *, optional: bool = False) -> dict[str
     if brackets > MAX_DEPTH * 4 and _nesting(raw) > MAX_DEPTH:
         raise Problem("malformed-json", f"JSON nested deeper than {MAX_DEPTH} levels")
     try:
-        data = json.loads(
-            raw.decode("utf-8"), object_pairs_hook=_no_dup_object, parse_constant=_reject_constant
-        )
+        data = _DECODER.decode(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise Problem("malformed-json", _short(str(exc))) from None
     if not isinstance(data, dict):

@@ -71,8 +71,12 @@ def chain_next(prev: str, seq: int, op: str, args: str, result: str) -> str:
     return h.hexdigest()
 
 
+_ENCODER = json.JSONEncoder(separators=(",", ":"), sort_keys=True)
+
+
 def _dumps(obj: Any) -> str:
-    return json.dumps(obj, separators=(",", ":"), sort_keys=True)
+    """Compact, keys sorted (json.dumps with these options builds an encoder per call)."""
+    return _ENCODER.encode(obj)
 
 
 class Journal:

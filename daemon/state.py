@@ -22,7 +22,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any, ClassVar, Generic, TypeVar, cast
+from typing import Any, ClassVar, Generic, TypeVar
 
 import attrs
 
@@ -168,6 +168,16 @@ class DaemonState:
 # ---- commands ------------------------------------------------------------------------------
 
 
+_FIELD_NAMES: dict[type, tuple[str, ...]] = {}
+
+
+def _field_names(cls: type) -> tuple[str, ...]:
+    names = _FIELD_NAMES.get(cls)
+    if names is None:
+        names = _FIELD_NAMES[cls] = tuple(a.name for a in attrs.fields(cls))
+    return names
+
+
 class Command(Generic[R]):
     """One journaled state change. Subclasses are frozen attrs classes whose fields are the
     journal's `args` (so ``cls(**args)`` rebuilds one)."""
@@ -175,7 +185,9 @@ class Command(Generic[R]):
     op: ClassVar[str]
 
     def args(self) -> dict[str, Any]:
-        return attrs.asdict(cast(Any, self))
+        """The fields by name (what attrs.asdict gives for these flat classes, in a tenth of
+        its time: every request builds one)."""
+        return {name: getattr(self, name) for name in _field_names(type(self))}
 
     def apply(self, state: DaemonState) -> R:
         raise NotImplementedError
