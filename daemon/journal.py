@@ -37,6 +37,7 @@ import errno
 import hashlib
 import json
 import sqlite3
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -269,7 +270,17 @@ class AsyncJournal:
     """Group commit over a Journal: `append` (synchronous, in call order) assigns the next
     sequence number; `sync` returns once every record appended so far is durable and its
     position recorded (`position`, when given). One writer thread. A full disk keeps the
-    records queued and retries (`full`); any other write failure is permanent (`failed`)."""
+    records queued and retries (`full`); any other write failure is permanent (`failed`).
+
+    The writer thread does not hand back to the event loop between transactions: once a
+    batch is durable it reports it (the waiters up to it wake) and takes the records
+    appended meanwhile at once, up to WRITER_RUN transactions in a row. Under load the
+    loop is busy with requests for a millisecond or more before it would notice a commit
+    and start the next one; with the hand-off through the loop the disk idled that long
+    after every fsync and the loop waited on it (sharedpoold under wrk: 21 % of its time
+    idle)."""
+
+    WRITER_RUN = 8  # transactions per writer-thread run: run() (snapshots) waits at most this
 
     def __init__(
         self, journal: Journal, first_seq: int, position: PositionFile | None = None
@@ -277,10 +288,12 @@ class AsyncJournal:
         self.journal = journal
         self.position = position
         self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="journal")
+        self._lock = threading.Lock()  # _pending: appended by the loop, taken by the writer
         self._pending: list[tuple[int, str, dict[str, Any], Any]] = []
         self.last_seq = first_seq  # last appended
         self.committed = first_seq  # last durable
         self._flushing: asyncio.Future[None] | None = None
+        self._waiters: list[tuple[int, asyncio.Future[None]]] = []
         self.failed: BaseException | None = None
         self.full = False  # the last write found the disk full; retrying
         self.full_events = 0  # times the disk was found full
@@ -291,8 +304,9 @@ class AsyncJournal:
     def append(self, op: str, args: dict[str, Any], result: Any) -> int:
         if self.failed is not None:
             raise JournalError("the journal failed earlier") from self.failed
-        self.last_seq += 1
-        self._pending.append((self.last_seq, op, args, result))
+        with self._lock:
+            self.last_seq += 1
+            self._pending.append((self.last_seq, op, args, result))
         return self.last_seq
 
     @property
@@ -307,31 +321,67 @@ class AsyncJournal:
             if self.failed is not None:
                 raise JournalError("the journal could not be written") from self.failed
             if self._flushing is None:
-                self._flushing = asyncio.ensure_future(self._flush())
-            try:
-                await asyncio.shield(self._flushing)
-            except StorageFull:
-                continue  # the next _flush waits retry_seconds first
+                self._start_flush()
+            waiter = asyncio.get_running_loop().create_future()
+            self._waiters.append((target, waiter))
+            await waiter  # woken at its commit, or when the writer run ends (then re-check)
+
+    def _start_flush(self) -> asyncio.Future[None]:
+        """A writer run; its outcome reaches the waiters as `committed`, `full` and `failed`
+        (it is retrieved here, so that a failure is not reported again as never retrieved)."""
+        flushing = self._flushing = asyncio.ensure_future(self._flush())
+        flushing.add_done_callback(lambda f: f.cancelled() or f.exception())
+        return flushing
+
+    def _wake(self, upto: int | None) -> None:
+        """Wake the waiters whose record is durable (`upto`), or every waiter (None)."""
+        keep = []
+        for target, waiter in self._waiters:
+            if upto is None or target <= upto:
+                if not waiter.done():
+                    waiter.set_result(None)
+            else:
+                keep.append((target, waiter))
+        self._waiters = keep
+
+    def _committed_to(self, seq: int) -> None:
+        """On the loop: a transaction up to `seq` is durable."""
+        self.writes += 1
+        if seq > self.committed:
+            self.committed = seq
+        self._wake(seq)
 
     def _write(self, batch: list[tuple[int, str, dict[str, Any], Any]]) -> None:
         pos = self.journal.write(batch)
         if self.position is not None:
             self.position.write(pos)
 
+    def _write_run(self, loop: asyncio.AbstractEventLoop) -> None:
+        """On the writer thread: write what is pending, then what was appended meanwhile, up
+        to WRITER_RUN transactions; each one reported to the loop as it becomes durable. A
+        failed batch goes back to the head of the queue (kept for a retry on a full disk)."""
+        for _ in range(self.WRITER_RUN):
+            with self._lock:
+                batch, self._pending = self._pending, []
+            if not batch:
+                return
+            try:
+                self._write(batch)
+            except BaseException:
+                with self._lock:
+                    self._pending[:0] = batch
+                raise
+            loop.call_soon_threadsafe(self._committed_to, batch[-1][0])
+
     async def _flush(self) -> None:
         if self.full:
             await asyncio.sleep(self.retry_seconds)
-        batch, self._pending = self._pending, []
         try:
-            if batch:
-                loop = asyncio.get_running_loop()
-                await loop.run_in_executor(self._executor, self._write, batch)
-                self.writes += 1
-                self.committed = batch[-1][0]
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(self._executor, self._write_run, loop)
             self.full = False
         except BaseException as exc:
             if is_storage_full(exc):
-                self._pending = batch + self._pending  # kept, in order, for the retry
                 if not self.full:
                     self.full_events += 1
                 self.full = True
@@ -341,16 +391,16 @@ class AsyncJournal:
             raise
         finally:
             self._flushing = None
+            self._wake(None)  # the rest re-check: a new run, a retry, or the failure
 
     def _keep_retrying(self) -> None:
         """While full, retry even when nobody waits (the clients may have gone)."""
 
         async def retry() -> None:
             while self.full and self.failed is None:
-                if self._flushing is None:
-                    self._flushing = asyncio.ensure_future(self._flush())
+                flushing = self._flushing or self._start_flush()
                 try:
-                    await asyncio.shield(self._flushing)
+                    await asyncio.shield(flushing)
                 except StorageFull:
                     pass
                 except BaseException:
