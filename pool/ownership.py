@@ -163,6 +163,8 @@ class Ledger:
         if not isinstance(bid, int):
             return False
         runs = self._added
+        if not runs or bid >= runs[-1][1]:
+            return False  # beyond every id given so far: the usual case of add()
         i = bisect.bisect_right(runs, bid, key=lambda r: r[0]) - 1
         return i >= 0 and runs[i][0] <= bid < runs[i][1]
 

@@ -449,7 +449,7 @@ class SharedPool:
             size,
             owner,
             purpose,
-            tuple(PfnRange(p, n) for p, n in runs),
+            (PfnRange(*runs[0]),) if len(runs) == 1 else tuple(itertools.starmap(PfnRange, runs)),
             area.va,
         )
         self.ledger.add(buf)

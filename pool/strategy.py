@@ -17,7 +17,6 @@ Life cycle of a strategy object, as `compare` drives it:
 
 from __future__ import annotations
 
-import functools
 import itertools
 import operator
 from collections.abc import Iterator, Mapping
@@ -164,11 +163,16 @@ class Buffer:
     ranges: Ranges
     va: int
 
-    @functools.cached_property
+    @property
     def npages(self) -> int:
+        # a property, not functools.cached_property: on a slotted attrs class the cached
+        # one goes through a generated __getattr__ that cost more than this (daemon per
+        # request: ~2 us)
         ranges = self.ranges
         if isinstance(ranges, PageRuns):
             return ranges.npages
+        if len(ranges) == 1:
+            return ranges[0].npages
         return sum(r.npages for r in ranges)
 
     @property
