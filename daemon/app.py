@@ -20,7 +20,6 @@ from daemon.connections import (
     ConnectionGuard,
     GuardCollector,
     default_limit,
-    guard_middleware_for,
     raise_fd_limit,
 )
 from daemon.engine import OpenCancelled, RestoreError, Service, StateMismatch
@@ -37,30 +36,40 @@ EXIT_RESTORE = 3
 EXIT_STORAGE = 4  # the state directory's storage failed (read-only, permissions, I/O)
 
 
+def _problem_for_error(request: web.Request, exc: Exception) -> web.Response:
+    """The application/problem+json answer to an error a handler raised."""
+    problem = problem_for(exc)
+    if problem is None:
+        if isinstance(exc, web.HTTPException):
+            if exc.status < 400:
+                raise exc
+            problem = (
+                Problem("internal")
+                if exc.status >= 500
+                else Problem("not-found" if exc.status == 404 else "malformed-json")
+            )
+        else:
+            log.exception("unhandled error", extra={"method": request.method, "path": request.path})
+            problem = Problem("internal")
+    return problem.response(request.path)
+
+
 @web.middleware
-async def problem_middleware(
+async def request_middleware(
     request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
 ) -> web.StreamResponse:
-    """Every error answers as application/problem+json; no traceback reaches a client."""
+    """Every error answers as application/problem+json (no traceback reaches a client),
+    inside the connection guard's count of requests in flight (daemon.connections). One
+    middleware, not two: each adds frames to every request's call and to every resume of
+    its handler after a journal wait."""
+    guard = request.app[keys.CONNECTIONS]
+    guard.request_started(request.protocol)
     try:
         return await handler(request)
     except Exception as exc:
-        problem = problem_for(exc)
-        if problem is None:
-            if isinstance(exc, web.HTTPException):
-                if exc.status < 400:
-                    raise
-                problem = (
-                    Problem("internal")
-                    if exc.status >= 500
-                    else Problem("not-found" if exc.status == 404 else "malformed-json")
-                )
-            else:
-                log.exception(
-                    "unhandled error", extra={"method": request.method, "path": request.path}
-                )
-                problem = Problem("internal")
-        return problem.response(request.path)
+        return _problem_for_error(request, exc)
+    finally:
+        guard.request_done(request.protocol)
 
 
 def _openapi_bytes() -> bytes:
@@ -136,9 +145,6 @@ async def _sweeper_ctx(app: web.Application) -> AsyncIterator[None]:
         await task
 
 
-_guard_middleware = guard_middleware_for(lambda request: request.app[keys.CONNECTIONS])
-
-
 async def _loop(
     name: str, interval: Callable[[], float], body: Callable[[], Awaitable[object]]
 ) -> None:
@@ -211,7 +217,7 @@ def create_app(
     error or a failed restore); `notify` sends sd_notify states."""
     app = web.Application(
         client_max_size=config["daemon.body_limit"],
-        middlewares=[_guard_middleware, problem_middleware],
+        middlewares=[request_middleware],
     )
     service = service or Service(config, reset_state=reset_state, accept_rollback=accept_rollback)
     app[keys.CONFIG] = config
@@ -242,7 +248,7 @@ def create_metrics_app(main: web.Application) -> web.Application:
     `/ui`, its files, /v1/ui/summary, /v1/memory-map, none naming a client), and nothing
     else — every other path is a 404 problem. This is what the shipped units and manifests
     expose over TCP; the API stays on the Unix socket. It owns no background task: `main` does."""
-    app = web.Application(client_max_size=1024, middlewares=[_guard_middleware, problem_middleware])
+    app = web.Application(client_max_size=1024, middlewares=[request_middleware])
     app[keys.CONFIG] = main[keys.CONFIG]
     app[keys.SERVICE] = main[keys.SERVICE]
     app[keys.METRICS] = main[keys.METRICS]

@@ -30,7 +30,7 @@ import contextlib
 import logging
 import resource
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from aiohttp import web
@@ -265,23 +265,6 @@ class GuardedSite(web.SockSite):
         self._server = await loop.create_server(
             self._guard.factory(server), sock=self._sock, backlog=self._backlog
         )
-
-
-def guard_middleware_for(
-    guard_of: Callable[[web.Request], ConnectionGuard],
-) -> Callable[..., Awaitable[web.StreamResponse]]:
-    @web.middleware
-    async def guard_middleware(
-        request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-    ) -> web.StreamResponse:
-        guard = guard_of(request)
-        guard.request_started(request.protocol)
-        try:
-            return await handler(request)
-        finally:
-            guard.request_done(request.protocol)
-
-    return guard_middleware
 
 
 def rate_limited_exception_handler() -> Callable[[asyncio.AbstractEventLoop, dict[str, Any]], None]:
