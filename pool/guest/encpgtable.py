@@ -31,8 +31,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import attrs
-
 from pool.guest.costs import CostProfile
 from pool.guest.directmap import SplitCounts
 from pool.guest.platform import ConversionResult, Platform
@@ -104,8 +102,10 @@ def set_memory_enc_pgtable(
 def _result(
     stats: GuestStats, result: ConversionResult, seconds_before: float, calls_before: int
 ) -> ConversionResult:
-    return attrs.evolve(
-        result,
-        hypercalls=stats.hypercalls - calls_before,
-        modeled_seconds=stats.modeled_conversion_seconds - seconds_before,
+    return ConversionResult(  # not attrs.evolve: this runs twice per vmalloc buffer
+        result.ok,
+        result.pages,
+        stats.hypercalls - calls_before,
+        stats.modeled_conversion_seconds - seconds_before,
+        result.unknown_pages,
     )

@@ -8,6 +8,7 @@ Both take their fields from `_Counters`, so the list is written once.
 
 from __future__ import annotations
 
+import operator
 from typing import Any
 
 import attrs
@@ -54,6 +55,9 @@ class _Counters:
 
 
 _NAMES = tuple(f.name for f in attrs.fields(_Counters))
+# every counter in field order, in one C call: a snapshot and a difference are taken around
+# every allocation the simulator makes (a dict comprehension of getattr was 8 us a reading)
+_VALUES = operator.attrgetter(*_NAMES)
 
 
 @attrs.frozen
@@ -61,10 +65,10 @@ class Counts(_Counters):
     """An immutable reading of the guest's counters (see _Counters for meanings)."""
 
     def __sub__(self, other: Counts) -> Counts:
-        return Counts(**{n: getattr(self, n) - getattr(other, n) for n in _NAMES})
+        return Counts(*map(operator.sub, _VALUES(self), _VALUES(other)))
 
     def __add__(self, other: Counts) -> Counts:
-        return Counts(**{n: getattr(self, n) + getattr(other, n) for n in _NAMES})
+        return Counts(*map(operator.add, _VALUES(self), _VALUES(other)))
 
     def as_compare_json(self) -> dict[str, Any]:
         """The COUNTS object of DESIGN.md section 4 (`compare --json`), plus extra keys."""
@@ -90,7 +94,7 @@ class GuestStats(_Counters):
     """The live counters the model increments (see _Counters for meanings)."""
 
     def snapshot(self) -> Counts:
-        return Counts(**{n: getattr(self, n) for n in _NAMES})
+        return Counts(*_VALUES(self))
 
     def reset(self) -> None:
         for field in attrs.fields(_Counters):

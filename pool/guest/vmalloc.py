@@ -110,7 +110,7 @@ class VmallocSpace:
     def set_attr(self, area: VmArea, attr: int) -> VmArea:
         if area.id not in self.areas:
             raise KeyError(f"vmalloc area {area.id} is not mapped")
-        new = attrs.evolve(area, attr=attr)
+        new = VmArea(area.id, area.va, area.pfns, attr)
         self.areas[area.id] = new
         return new
 
