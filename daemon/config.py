@@ -175,7 +175,7 @@ FIELDS: tuple[Field, ...] = (
         "tdx",
         "CoCo platform",
         "platform",
-        "{tdx,snp,none}",
+        "{" + ",".join(guest_options.PLATFORMS) + "}",  # the one list of platforms
     ),
     Field("guest", "seed", _int, 1, "seed of the guest model (aging, boot splits)", "seed", "N"),
     Field(

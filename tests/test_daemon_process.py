@@ -27,6 +27,8 @@ _run = functools.partial(run_cli, timeout=20)
 def test_help_and_config_errors(tmp_path: Path) -> None:
     out = _run("--help", cwd=tmp_path)
     assert out.returncode == 0 and "--guest-memory" in out.stdout and "--listen" in out.stdout
+    # every platform the model has is offered (the choices once said {tdx,snp,none})
+    assert "{none,tdx,snp,hyperv-vtom}" in out.stdout
     out = _run("--pool-max", "lots", cwd=tmp_path)
     assert out.returncode == 2 and "pool.max" in out.stderr and "Traceback" not in out.stderr
     cfg = tmp_path / "bad.toml"
