@@ -25,20 +25,13 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))  # tests/support: the browser test's Chromium flags
+
+from support.chromium import CHROMIUM_FLAGS as FLAGS  # noqa: E402
 
 from daemon.client import SyncSharedPoolClient  # noqa: E402
 
 MiB = 1 << 20
-FLAGS = (
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-)
 
 
 def main() -> int:

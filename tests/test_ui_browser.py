@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from support.chromium import CHROMIUM_FLAGS as BROWSER_FLAGS
 from support.daemons import Daemon
 
 from daemon.client import SyncSharedPoolClient
@@ -41,17 +42,7 @@ if not (CHROMIUM and DRIVER) and os.environ.get("CI") != "true":
         allow_module_level=True,
     )
 
-CHROMIUM_FLAGS = (
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--window-size=1500,1150",
-)
+CHROMIUM_FLAGS = (*BROWSER_FLAGS, "--window-size=1500,1150")
 
 
 @pytest.fixture
