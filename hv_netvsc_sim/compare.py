@@ -37,7 +37,7 @@ from hv_netvsc_sim.timeline import STRESS, Timeline, resolve
 from hv_netvsc_sim.verdict import verdicts
 from pool.guest import GuestConfig
 from pool.provision import Guests, Progress
-from pool.registry import CONTRACT_STRATEGIES, SPECS, STRATEGIES
+from pool.registry import CONTRACT_STRATEGIES, SPECS, STRATEGIES, PoolSettings
 
 __all__ = [
     "COMPARE_CYCLES",
@@ -198,6 +198,59 @@ def _worker(name: str) -> tuple[dict[str, Any], float, float, float]:
     return _run_one_sync(name, config, guests, None)
 
 
+def _run_forked(
+    config: CompareConfig, factory: Guests, jobs: int, progress: Progress | None
+) -> dict[str, tuple[dict[str, Any], float, float, float]]:
+    """The strategies in forked workers. The ones that boot on a pristine guest (their own
+    boot profile, aged after boot: pool-boot, swiotlb) start first, in a worker forked before
+    the shared guest exists, while this process ages (or loads) the shared guest: the second
+    core no longer idles through that. The others run in `jobs` workers forked after it, which
+    inherit the aged guest. Each strategy runs on its own copy, so the document is the same
+    as in process; the costliest go first, so the workers stay balanced."""
+    global _FORKED
+    settings = PoolSettings()
+    early = [n for n in config.strategies if SPECS[n].reserves_at_boot(settings)]
+    late = sorted(
+        (n for n in config.strategies if n not in early), key=lambda n: not SPECS[n].costly
+    )
+    factory.pristine_kept()  # built once here; every worker inherits it
+    _FORKED = (config, factory)
+    ctx = multiprocessing.get_context("fork")
+    # multiprocessing's Pool rather than ProcessPoolExecutor: on Ctrl-C (or any error)
+    # terminate() stops the workers at once, where the executor's shutdown waits for the
+    # strategies in flight to finish (~20 s on the default guest)
+    pools = []
+    pending = {}
+    try:
+        if early:
+            pools.append(ctx.Pool(min(len(early), max(1, jobs - 1))))
+            pending.update({n: pools[-1].apply_async(_worker, (n,)) for n in early})
+        if late:
+            factory.prepare()  # the shared guest, aged once; the late workers inherit it
+            pools.append(ctx.Pool(min(jobs, len(late))))
+            pending.update({n: pools[-1].apply_async(_worker, (n,)) for n in late})
+        results = {}
+        for name in [*late, *early]:
+            results[name] = pending[name].get()
+            if progress is not None:
+                progress(name, config.cycles, config.cycles)
+    except BaseException:
+        for pool in pools:
+            pool.terminate()
+        raise
+    else:
+        for pool in pools:
+            pool.close()
+    finally:
+        for pool in pools:
+            pool.join()
+        _FORKED = None
+    if late:
+        first = late[0]  # the shared aging, counted once, with the first strategy using it
+        results[first] = (*results[first][:3], results[first][3] + factory.aging_seconds)
+    return results
+
+
 def default_jobs(nstrategies: int) -> int:
     return max(1, min(nstrategies, os.cpu_count() or 1))
 
@@ -211,13 +264,12 @@ def run_compare(
     """Run every configured strategy; the result is the `compare --json` document.
 
     jobs > 1 runs strategies in forked worker processes (each strategy on its own copy of
-    the guest, so the document is the same; only wall-clock latencies differ). The shared
-    aged guest is aged once in this process before forking, and the workers inherit it.
+    the guest, so the document is the same; only wall-clock latencies differ): the shared
+    aged guest is aged once in this process, and the workers inherit it (_run_forked).
 
     `timings`, when given, receives wall-clock seconds (never part of the document): per
     strategy its total (aging excluded), `<name>/model` the part spent inside the guest model
     and the strategy, and `aging` the total spent aging guests."""
-    global _FORKED
     factory = Guests(config.guest, config.age_steps, progress)
     out: dict[str, Any] = {"config": config.as_json(), "strategies": {}}
     results: dict[str, tuple[dict[str, Any], float, float, float]] = {}
@@ -226,31 +278,7 @@ def run_compare(
         for name in config.strategies:
             results[name] = _run_one_sync(name, config, factory, progress)
     else:
-        factory.aged()  # age the shared guest here, once; forked workers inherit it
-        shared_aging = factory.aging_seconds
-        _FORKED = (config, factory)
-        # the costliest first (page-by-page strategies), so two workers stay balanced
-        order = sorted(config.strategies, key=lambda n: not SPECS[n].costly)
-        # multiprocessing's Pool rather than ProcessPoolExecutor: on Ctrl-C (or any error)
-        # terminate() stops the workers at once, where the executor's shutdown waits for
-        # the strategies in flight to finish (~20 s on the default guest)
-        pool = multiprocessing.get_context("fork").Pool(jobs)
-        try:
-            pending = {name: pool.apply_async(_worker, (name,)) for name in order}
-            for name in order:
-                results[name] = pending[name].get()
-                if progress is not None:
-                    progress(name, config.cycles, config.cycles)
-        except BaseException:
-            pool.terminate()
-            raise
-        else:
-            pool.close()
-        finally:
-            pool.join()
-            _FORKED = None
-        first = next(iter(results))
-        results[first] = (*results[first][:3], results[first][3] + shared_aging)
+        results = _run_forked(config, factory, jobs, progress)
     for name in config.strategies:
         result, model, seconds, _ = results[name]
         out["strategies"][name] = result

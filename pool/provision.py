@@ -65,9 +65,13 @@ class Guests:
     def pristine(self) -> Guest:
         if not self.keep:
             return Guest(self.config)
+        return self.pristine_kept().clone()
+
+    def pristine_kept(self) -> Guest:
+        """The kept pristine guest, built on first use; not a copy (pristine() copies it)."""
         if self._pristine is None:
             self._pristine = Guest(self.config)
-        return self._pristine.clone()
+        return self._pristine
 
     def age(self, guest: Guest, label: str) -> None:
         """Age `guest` by `age_steps` churn steps (progress labelled `aging (label)`)."""
@@ -88,11 +92,16 @@ class Guests:
             guest = self.pristine()
             self.age(guest, "shared")
             return guest
+        return self.prepare().clone()
+
+    def prepare(self) -> Guest:
+        """The kept aged guest, aged (or loaded from the cache) on first use; not a copy
+        (aged() copies it): compare ages it before forking its workers."""
         if self._aged is None:
             guest = self.pristine()
             self.age(guest, "shared")
             self._aged = guest
-        return self._aged.clone()
+        return self._aged
 
 
 @attrs.frozen
