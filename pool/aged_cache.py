@@ -30,10 +30,15 @@ into a different guest than aging would build now.
 
 ``--no-cache`` (pool.guest.options, on every command that takes the guest options) or
 ``SHAREDPOOL_NO_CACHE=1`` turns the cache off for the process: every guest is aged.
+
+Size: bounded by ``SHAREDPOOL_AGED_CACHE_MAX_BYTES`` (default 2 GiB): after each store the
+least recently used files are deleted until the rest fit (the file just written stays, even
+alone above the bound). A hit marks its file used.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -48,7 +53,9 @@ from typing import Any
 from pool.guest import Guest
 
 __all__ = [
+    "DEFAULT_MAX_BYTES",
     "MAGIC",
+    "MAX_BYTES_ENV",
     "MODEL_VERSION",
     "NO_CACHE_ENV",
     "AgedCache",
@@ -63,6 +70,11 @@ MODEL_VERSION = 1
 
 MAGIC = b"sharedpool-aged-guest 1\n"
 NO_CACHE_ENV = "SHAREDPOOL_NO_CACHE"
+MAX_BYTES_ENV = "SHAREDPOOL_AGED_CACHE_MAX_BYTES"
+DEFAULT_MAX_BYTES = 2 << 30
+"""The cache's size bound: after a store, the least recently used files go until the rest
+fit (a 16 GiB guest's file is ~48 MB, a 64 GiB one's ~180 MB; a sweep over seeds and sizes,
+or every change to the model's sources, adds one per configuration)."""
 _MODEL_MODULES = ("buddy.py", "pcp.py", "migratetype.py", "workload.py", "units.py")
 _ALLOCATOR_ARRAYS = (
     "_state",
@@ -96,7 +108,27 @@ def default_cache() -> AgedCache | None:
     """The cache commands use: None when turned off (``--no-cache``, SHAREDPOOL_NO_CACHE=1)."""
     if _disabled or os.environ.get(NO_CACHE_ENV, "") not in ("", "0"):
         return None
-    return AgedCache(cache_dir())
+    return AgedCache(cache_dir(), max_bytes_from_env())
+
+
+def max_bytes_from_env() -> int:
+    """SHAREDPOOL_AGED_CACHE_MAX_BYTES (bytes, >= 0), or DEFAULT_MAX_BYTES when unset or not
+    a number (one warning: a bad value must not stop a run)."""
+    raw = os.environ.get(MAX_BYTES_ENV, "").strip()
+    if not raw:
+        return DEFAULT_MAX_BYTES
+    try:
+        value = int(raw)
+        if value < 0:
+            raise ValueError
+    except ValueError:
+        warnings.warn(
+            f"{MAX_BYTES_ENV}={raw!r} is not a byte count >= 0; using {DEFAULT_MAX_BYTES}",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return DEFAULT_MAX_BYTES
+    return value
 
 
 def _source_digest() -> str:
@@ -137,8 +169,9 @@ def _typecode(x: Any) -> str:
 class AgedCache:
     """Aged guests on disk under ``directory`` (see the module docstring)."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
         self.directory = directory
+        self.max_bytes = max_bytes
         self.hits = 0
         self.misses = 0
         self._warned = False
@@ -177,6 +210,8 @@ class AgedCache:
             return False
         self._apply(guest, arrays, scalars)
         self.hits += 1
+        with contextlib.suppress(OSError):
+            os.utime(path)  # recently used: pruning takes the least recently used first
         return True
 
     def _read_safely(self, path: Path) -> bytes:
@@ -290,6 +325,37 @@ class AgedCache:
                 raise
         except (OSError, _Unusable) as exc:
             self._warn(f"cannot write the aged-guest cache in {self.directory}: {exc}")
+            return
+        try:
+            self.prune(keep=self.path(key))
+        except (OSError, _Unusable) as exc:
+            self._warn(f"cannot prune the aged-guest cache in {self.directory}: {exc}")
+
+    def prune(self, keep: Path | None = None) -> list[Path]:
+        """Delete the least recently used cache files (modification time: set at store and
+        at each hit) until the others fit in ``max_bytes``; ``keep`` (the file just written)
+        is never deleted. Only this cache's own files: regular ``*.aged`` files owned by the
+        user, in a directory checked as for reading. Returns the files deleted."""
+        self._check_dir(self.directory)
+        files = []
+        for entry in os.scandir(self.directory):
+            if not entry.name.endswith(".aged") or entry.name.startswith("."):
+                continue
+            st = entry.stat(follow_symlinks=False)
+            if stat.S_ISREG(st.st_mode) and st.st_uid == os.getuid():
+                files.append((st.st_mtime, st.st_size, Path(entry.path)))
+        total = sum(size for _, size, _ in files)
+        deleted = []
+        for _, size, path in sorted(files):
+            if total <= self.max_bytes:
+                break
+            if keep is not None and path == keep:
+                continue
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+                deleted.append(path)
+            total -= size
+        return deleted
 
     def _warn(self, message: str) -> None:
         if not self._warned:

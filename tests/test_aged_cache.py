@@ -178,3 +178,48 @@ def test_no_cache_turns_it_off(monkeypatch: pytest.MonkeyPatch) -> None:
     assert parser.parse_args(["--no-cache"]).no_cache is True
     assert aged_cache.default_cache() is None
     assert Guests(CONFIG, STEPS).cache is None
+
+
+def _store_aged(cache: AgedCache, seed: int) -> Path:
+    g = Guest(GuestConfig(memory_bytes=256 * MiB, seed=seed))
+    key = cache.key(g, 200)
+    g.age(200)
+    cache.store(g, key)
+    return cache.path(key)
+
+
+def test_the_cache_is_bounded_least_recently_used_first(tmp_path: Path) -> None:
+    directory = tmp_path / "aged"
+    probe = AgedCache(directory, max_bytes=1 << 40)
+    first = _store_aged(probe, 11)
+    size = first.stat().st_size
+    cache = AgedCache(directory, max_bytes=2 * size + size // 2)  # room for two files
+    os.utime(first, (1_000_000, 1_000_000))  # the oldest...
+    second = _store_aged(cache, 12)
+    os.utime(second, (2_000_000, 2_000_000))
+    # ...but used since: a hit marks it, so the untouched `second` is the one to go
+    assert age(Guest(GuestConfig(memory_bytes=256 * MiB, seed=11)), 200, None, cache) is True
+    foreign = directory / "notes.txt"
+    foreign.write_text("not a cache file")
+    third = _store_aged(cache, 13)
+    assert first.exists() and third.exists() and not second.exists()
+    assert foreign.exists()  # only the cache's own *.aged files are pruned
+    assert sum(p.stat().st_size for p in directory.glob("*.aged")) <= cache.max_bytes
+
+
+def test_the_file_just_written_stays_even_above_the_bound(tmp_path: Path) -> None:
+    cache = AgedCache(tmp_path / "aged", max_bytes=0)
+    kept = _store_aged(cache, 21)
+    assert kept.exists()
+    newer = _store_aged(cache, 22)
+    assert newer.exists() and not kept.exists()
+
+
+def test_the_bound_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(aged_cache.MAX_BYTES_ENV, "12345")
+    assert aged_cache.max_bytes_from_env() == 12345
+    monkeypatch.setenv(aged_cache.MAX_BYTES_ENV, "2GiB")
+    with pytest.warns(RuntimeWarning, match="not a byte count"):
+        assert aged_cache.max_bytes_from_env() == aged_cache.DEFAULT_MAX_BYTES
+    monkeypatch.delenv(aged_cache.MAX_BYTES_ENV)
+    assert aged_cache.max_bytes_from_env() == aged_cache.DEFAULT_MAX_BYTES
