@@ -60,6 +60,8 @@ from daemon.state import (
 )
 from daemon.views import PoolView, memory_map_key, memory_map_view, pool_view
 from pool.guest import Guest
+from pool.guest.units import PAGE_SIZE, format_size
+from pool.shared import SharedPool
 from pool.strategy import AllocationError, Buffer, FreeResult, NotOwner, Strategy, StrategyError
 
 __all__ = [
@@ -220,7 +222,21 @@ class Service:
             "buffers": len(state.strategy.buffers()),
             "clients": len(state.clients),
         }
+        self._warn_shortfall(state.strategy)
         self.state = "ready"
+
+    def _warn_shortfall(self, strategy: Strategy) -> None:
+        """Say at start when the pool could not be filled: the daemon is ready, but every
+        allocation it cannot serve from what it holds fails with no_memory."""
+        if isinstance(strategy, SharedPool) and strategy.shortfall_bytes:
+            log.warning(
+                "the pool holds %s of its initial %s: the guest's page allocator has no free "
+                "block of a chunk's order (2 MiB or more) left, so allocations beyond what it "
+                "holds fail with no_memory; pool-boot takes its memory at boot instead",
+                format_size(strategy.size_pages * PAGE_SIZE),
+                format_size(strategy.initial_bytes),
+                extra={"shortfall_bytes": strategy.shortfall_bytes},
+            )
 
     def _check_rollback(self, journal: Journal, position: PositionFile) -> None:
         """Refuse a journal shorter than, or different from, what was acknowledged (a lost,

@@ -216,6 +216,13 @@ class SharedPool:
         if missing > 0:
             self.grow(missing)
 
+    @property
+    def shortfall_bytes(self) -> int:
+        """How far the pool is below its initial size: what setup() could not take because
+        the page allocator had no free block of a chunk's order (an aged small guest can
+        have none at all: its free memory is in blocks below order 9)."""
+        return max(0, self.initial_bytes - self.size_pages * PAGE_SIZE)
+
     # ---- growth and shrink ---------------------------------------------------------
 
     def _add_chunk(self, pfn: int, order: int, leaked: bool, boot: bool = False) -> None:

@@ -467,3 +467,24 @@ def test_old_pickles_rebuild_the_partial_index_in_list_order():
     assert [restored.allocate(12 * KiB, "a").ranges for _ in range(20)] == [
         p.allocate(12 * KiB, "a").ranges for _ in range(20)
     ]
+
+
+def test_a_pool_that_finds_no_chunk_reports_its_shortfall(caplog: pytest.LogCaptureFixture):
+    """An aged small guest can have no free block of order 9 or more: the pool then stays
+    below its initial size, says by how much, and the daemon warns at start."""
+    import logging
+
+    from daemon.engine import Service
+
+    g = guest(memory_bytes=1 * GiB)
+    while g.alloc_pages(9) is not None:  # take every 2 MiB-or-larger free block
+        pass
+    p = pool(g, initial_bytes=64 * MiB)
+    p.setup()
+    assert p.size_pages == 0 and p.shortfall_bytes == 64 * MiB
+    with caplog.at_level(logging.WARNING, logger="sharedpoold"):
+        Service._warn_shortfall(object.__new__(Service), p)
+    assert "holds 0B of its initial 64MiB" in caplog.text and "pool-boot" in caplog.text
+    full = pool(guest(memory_bytes=1 * GiB), initial_bytes=64 * MiB)
+    full.setup()
+    assert full.shortfall_bytes == 0
