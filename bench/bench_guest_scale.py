@@ -276,7 +276,7 @@ def main() -> int:
             pairs = [p for r in rs for p in r.pair_s]
             print(
                 f"{b:<8} {spread([r.build_s for r in rs], fmt='.3f'):>20} "
-                f"{spread([r.age_s for r in rs]):>20} {spread(pairs, 1e3, '.1f'):>20} "
+                f"{spread([r.age_s for r in rs]):>20} {spread(pairs, 1e3, '.3f'):>20} "
                 f"{max(r.peak_rss_mib for r in rs):>10.0f}"
             )
         if "c" in results and "python" in results:
