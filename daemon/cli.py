@@ -44,7 +44,7 @@ from daemon.engine import StateMismatch
 from daemon.journal import Journal
 from daemon.state import check_state_config
 from daemon.statedir import StateDirError, lock_state_dir
-from pool import __version__
+from pool import __version__, userwarnings
 from pool.strictargs import StrictParser
 
 log = logging.getLogger("sharedpoold")
@@ -393,6 +393,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(resolved_toml(config, api_listeners(config)), end="")
         return 0
     logs.setup(config["daemon.json_logs"], config["daemon.log_level"], config["daemon.access_log"])
+    userwarnings.install("sharedpoold", logging.getLogger("sharedpoold"))
     try:
         lock = lock_state_dir(config.state_dir)  # held until the process exits
     except StateDirError as exc:

@@ -45,7 +45,7 @@ from hv_netvsc_sim.scenario import Scenario, ScenarioConfig
 from hv_netvsc_sim.sweep import add_sweep_command
 from hv_netvsc_sim.timeline import DEFAULT_SCENARIO, PRESETS
 from hv_netvsc_sim.verdict import verdict_lines
-from pool import __version__
+from pool import __version__, userwarnings
 from pool.guest import GuestConfig
 from pool.guest.options import add_guest_arguments, check_guest_args
 from pool.provision import Guests
@@ -480,6 +480,7 @@ def _strict_status(args: argparse.Namespace, out: dict[str, Any]) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    userwarnings.install("hv-netvsc-sim")
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -16,7 +16,7 @@ from typing import Any
 
 import attrs
 
-from pool import aged_cache
+from pool import aged_cache, userwarnings
 from pool.guest.buddy import default_zones
 from pool.guest.buddyimport import allocator_from_buddyinfo, buddyinfo_rows
 from pool.guest.directmap import DirectMap
@@ -394,6 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    userwarnings.install("python -m pool.guest")
     parser = build_parser()
     args = parser.parse_args(argv)
     if hasattr(args, "guest_memory"):
