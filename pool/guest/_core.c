@@ -1207,9 +1207,64 @@ static PyTypeObject CoreType = {
     .tp_methods = Core_methods,
 };
 
+/* hazard_flags(state u8, ram bool, attr u8, vm_private u16, vm_shared u16, pfns int64)
+ * -> (fatal, benign, unknown) among the pfns: pool.guest.hazards.HazardCounts._flags for a
+ * page array, in one pass where numpy makes five gathers and a dozen temporaries (a vmalloc
+ * conversion takes it twice, before and after, on its 4096 pages). Its reference is the
+ * Python expression there; Guest.check_invariants compares the counts it keeps with a full
+ * scan (hazards.check) and tests/test_hazard_flags.py drives both. */
+static PyObject *core_hazard_flags(PyObject *self, PyObject *args) {
+    Py_buffer b[6];
+    int got = 0;
+    PyObject *out = NULL;
+    for (int i = 0; i < 6; i++) b[i].obj = NULL;
+    if (!PyArg_ParseTuple(args, "y*y*y*y*y*y*", &b[0], &b[1], &b[2], &b[3], &b[4], &b[5]))
+        return NULL;
+    got = 6;
+    const uint8_t *state = b[0].buf, *ram = b[1].buf, *attr = b[2].buf;
+    const uint16_t *vp = b[3].buf, *vs = b[4].buf;
+    const int64_t *pfns = b[5].buf;
+    if (b[3].len % 2 || b[4].len % 2 || b[5].len % 8) {
+        PyErr_SetString(PyExc_ValueError, "hazard_flags: uint16 counters and int64 pfns expected");
+        goto done;
+    }
+    Py_ssize_t limit = b[0].len;
+    if (b[1].len < limit) limit = b[1].len;
+    if (b[2].len < limit) limit = b[2].len;
+    if (b[3].len / 2 < limit) limit = b[3].len / 2;
+    if (b[4].len / 2 < limit) limit = b[4].len / 2;
+    long long fatal = 0, benign = 0, unknown = 0;
+    Py_ssize_t n = b[5].len / 8;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        int64_t p = pfns[i];
+        if (p < 0 || p >= limit) {
+            PyErr_Format(PyExc_IndexError, "pfn %lld outside the arrays", (long long)p);
+            goto done;
+        }
+        uint8_t s = state[p];
+        if (s == 1) /* PAGE_SHARED: a private alias or a private vmalloc mapping is fatal */
+            fatal += (ram[p] && attr[p] == 0) || vp[p] > 0;
+        else if (s == 0) /* PAGE_PRIVATE: a shared alias or mapping is recoverable */
+            benign += (ram[p] && attr[p] == 1) || vs[p] > 0;
+        else
+            unknown++;
+    }
+    out = Py_BuildValue("LLL", fatal, benign, unknown);
+done:
+    for (int i = 0; i < got; i++) PyBuffer_Release(&b[i]);
+    return out;
+}
+
+static PyMethodDef module_methods[] = {
+    {"hazard_flags", core_hazard_flags, METH_VARARGS,
+     "hazard_flags(state, ram, attr, vm_private, vm_shared, pfns) -> (fatal, benign, unknown)"},
+    {NULL, NULL, 0, NULL},
+};
+
 static struct PyModuleDef coremodule = {
     PyModuleDef_HEAD_INIT, "pool.guest._core",
-    "The compiled page-allocator core (see pool.guest.buddy).", -1, NULL, NULL, NULL, NULL, NULL,
+    "The compiled page-allocator core (see pool.guest.buddy).", -1, module_methods, NULL, NULL,
+    NULL, NULL,
 };
 
 PyMODINIT_FUNC PyInit__core(void) {

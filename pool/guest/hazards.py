@@ -23,6 +23,7 @@ import attrs
 import numpy as np
 import numpy.typing as npt
 
+from pool.guest.buddy import compiled_core
 from pool.guest.directmap import PRIVATE, SHARED
 from pool.guest.platform import PAGE_PRIVATE, PAGE_SHARED, PAGE_UNKNOWN, PlatformSpec
 from pool.guest.uniq import unique
@@ -101,6 +102,28 @@ def hazard_pfns(guest: Guest, kind: str) -> npt.NDArray[np.int64]:
 Selection = slice | npt.NDArray[np.int64]
 
 
+def flags_of(
+    state: npt.NDArray[np.uint8],
+    ram: npt.NDArray[np.bool_],
+    attr: npt.NDArray[np.uint8],
+    vm_private: npt.NDArray[np.uint16],
+    vm_shared: npt.NDArray[np.uint16],
+    sel: Selection,
+) -> tuple[int, int, int]:
+    """(fatal, benign, unknown) pages among `sel`: a shared page with a private direct-map
+    alias or a private vmalloc mapping is fatal, a private page with a shared one benign, a
+    page of unknown state counted apart (the rule of _masks, on the pages of `sel` only)."""
+    st = state[sel]
+    ram_sel = ram[sel]
+    attr_sel = attr[sel]
+    shared = st == PAGE_SHARED
+    private = st == PAGE_PRIVATE
+    fatal = shared & ((ram_sel & (attr_sel == PRIVATE)) | (vm_private[sel] > 0))
+    benign = private & ((ram_sel & (attr_sel == SHARED)) | (vm_shared[sel] > 0))
+    unknown = st.size - int(np.count_nonzero(shared | private))
+    return int(np.count_nonzero(fatal)), int(np.count_nonzero(benign)), unknown
+
+
 class HazardCounts:
     """The same three counts as :func:`check`, kept up to date where page states change.
 
@@ -175,17 +198,19 @@ class HazardCounts:
                 self.mapped(guest, pfns, attr)
 
     def _flags(self, guest: Guest, sel: Selection) -> tuple[int, int, int]:
-        """(fatal, benign, unknown) pages among `sel` (a slice or unique pfns), as _masks."""
+        """(fatal, benign, unknown) pages among `sel` (a slice or unique pfns), as _masks.
+        A page array on the compiled allocator goes to the core's hazard_flags (one pass
+        where numpy makes five gathers and a dozen temporaries; flags_of is its reference)."""
         dm = guest.direct_map
-        state = guest.platform.state[sel]
-        ram = dm.ram[sel]
-        attr = dm.attr[sel]
-        shared = state == PAGE_SHARED
-        private = state == PAGE_PRIVATE
-        fatal = shared & ((ram & (attr == PRIVATE)) | (self.vm_private[sel] > 0))
-        benign = private & ((ram & (attr == SHARED)) | (self.vm_shared[sel] > 0))
-        unknown = state.size - int(np.count_nonzero(shared | private))
-        return int(np.count_nonzero(fatal)), int(np.count_nonzero(benign)), unknown
+        arrays = (guest.platform.state, dm.ram, dm.attr, self.vm_private, self.vm_shared)
+        if not isinstance(sel, slice) and guest.allocator.backend == "c":
+            core = compiled_core()
+            if core is not None:
+                flags: tuple[int, int, int] = core.hazard_flags(
+                    *arrays, np.ascontiguousarray(sel, dtype=np.int64)
+                )
+                return flags
+        return flags_of(*arrays, sel)
 
     def before(self, guest: Guest, sel: Selection) -> tuple[int, int, int]:
         """Take the pages' hazards before a change (pass the result to :meth:`after`)."""
