@@ -28,6 +28,7 @@ import numpy.typing as npt
 
 from pool.guest import Guest
 from pool.guest.units import PAGE_SIZE
+from pool.guest.vmalloc import run_arrays
 
 GPADL_FIRST_PFNS = 26  # PFNs in the first GPADL message (drivers/hv/channel.c)
 GPADL_MORE_PFNS = 28  # PFNs in each following message
@@ -52,12 +53,12 @@ _START, _NPAGES = operator.attrgetter("start"), operator.attrgetter("npages")
 class PageRuns:
     """The ranges of a buffer built from a page list (vmalloc's ~500 scattered runs per
     16 MiB): an immutable sequence of PfnRange over the read-only page array, computing its
-    runs when first asked and a PfnRange only for the element read. A plain slotted class
-    (no collections.abc base): daemon snapshots hold only the project's own plain classes
-    (daemon.plaindata). Building ~500 PfnRange
+    runs when first asked and a PfnRange only for the element read. Building ~500 PfnRange
     objects per allocation was a third of `compare`'s vmalloc runs; most readers (the
     host's GPADL, the invariants) want the page array, which this keeps. Equal to any
-    sequence of the same ranges (a tuple of PfnRange included), and hashes as that tuple."""
+    sequence of the same ranges (a tuple of PfnRange included), and hashes as that tuple.
+    A plain slotted class (no collections.abc base): daemon snapshots hold only the
+    project's own plain classes (daemon.plaindata)."""
 
     __slots__ = ("_lens", "_pfns", "_starts")
 
@@ -70,14 +71,7 @@ class PageRuns:
 
     def _runs(self) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
         if self._starts is None or self._lens is None:
-            pfns = self._pfns
-            if len(pfns) == 0:
-                self._starts = self._lens = np.zeros(0, dtype=np.int64)
-            else:
-                breaks = np.flatnonzero(np.diff(pfns) != 1) + 1
-                first = np.concatenate(([0], breaks))
-                self._starts = pfns[first]
-                self._lens = np.diff(np.concatenate((first, [len(pfns)])))
+            self._starts, self._lens = run_arrays(self._pfns)
         return self._starts, self._lens
 
     @property
