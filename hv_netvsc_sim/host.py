@@ -85,13 +85,11 @@ class Gpadl:
         return self._pfns
 
 
-def _page_array(buffer: Buffer) -> npt.NDArray[np.int64] | None:
-    """The buffer's page array where slices would be slow: a page list's (its PageRuns has
-    it, no runs to compute) or beyond FEW_RANGES ranges; None: work on the ranges' slices."""
-    ranges = buffer.ranges
-    if isinstance(ranges, PageRuns) or len(ranges) > FEW_RANGES:
-        return buffer.pfns()
-    return None
+def _by_page_array(ranges: Ranges) -> bool:
+    """Whether to work on the buffer's page array rather than on its ranges' slices: a page
+    list's (its PageRuns has the array, and no runs are computed to count them) or beyond
+    FEW_RANGES ranges."""
+    return isinstance(ranges, PageRuns) or len(ranges) > FEW_RANGES
 
 
 @attrs.define
@@ -178,7 +176,7 @@ class HyperVHost:
         """vmbus_establish_gpadl: take the buffer's PFN list; refuse private pages."""
         ranges = buffer.ranges
         npages = buffer.npages
-        pfns = _page_array(buffer)
+        pfns = buffer.pfns() if _by_page_array(ranges) else None
         self.stats.gpadl_messages += gpadl_messages(npages)
         guest = self.guest
         if guest is not None and guest.platform.encrypts:
@@ -214,7 +212,7 @@ class HyperVHost:
         if gpadl is None:
             raise HostError(f"no GPADL with handle {handle:#x}", "unknown_gpadl")
         ranges = gpadl.buffer.ranges
-        self._mark(ranges, gpadl.pfns if _page_array(gpadl.buffer) is not None else None, 0)
+        self._mark(ranges, gpadl.pfns if _by_page_array(ranges) else None, 0)
         self.stats.gpadls_torn_down += 1
 
     # ---- channels and NVSP ---------------------------------------------------------------
