@@ -569,12 +569,8 @@ static PyObject *Core_alloc_bulk(Core *c, PyObject *args) {
     int nofragment, mt, cpu, zis[MAX_ZONES], nzis;
     PyObject *zseq;
     if (!PyArg_ParseTuple(args, "nOpii", &nr_pages, &zseq, &nofragment, &mt, &cpu)) return NULL;
-    if (mt < 0 || mt >= MIGRATE_PCPTYPES) {
-        PyErr_SetString(PyExc_ValueError, "migratetype out of range");
-        return NULL;
-    }
-    if (nr_pages <= 0) return PyList_New(0);
     if (parse_bulk_args(c, zseq, mt, cpu, zis, &nzis) < 0) return NULL;
+    if (nr_pages <= 0) return PyList_New(0);
     int64_t *pages = PyMem_Malloc((size_t)nr_pages * sizeof(int64_t));
     if (!pages) return PyErr_NoMemory();
     Py_ssize_t got = bulk_take(c, nr_pages, zis, nzis, nofragment, mt, cpu, pages);
