@@ -5,7 +5,9 @@ bound, the compiled core missing): a library's caller may filter or escalate the
 by Python's default hook they take two lines, the package's file path and the source line
 that raised them, which tell an operator nothing. The console scripts install this hook
 instead: ``hv-netvsc-sim: warning: <message>`` on stderr, or, in the daemon, one record of
-its own log (structured with the rest). Warnings from elsewhere keep the default format.
+its own log (structured with the rest). That covers the warnings raised in the project's
+files and every RuntimeWarning (the class the package warns with: its stacklevel can
+name a caller's file); the rest keep the default format.
 """
 
 from __future__ import annotations
