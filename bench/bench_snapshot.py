@@ -79,7 +79,8 @@ def main() -> None:
         statistics.median(dec2) / statistics.median(dec1),
     )
     print(f"ratio (median): encode {e:.2f}x, decode {d:.2f}x pickle's (target <= 3x)")
-    # What the daemon's event loop waits for: the walk only (packing runs on the writer thread).
+    # What the daemon's event loop waits for: the walk only (packing runs on the journal's
+    # worker thread).
     walk, prepared = _times(lambda: snapshot.prepare(contents), args.repeat)
     pack, _ = _times(prepared.pack, args.repeat)
     print(f"on the event loop (walk): {_fmt(walk)}   off it (pack): {_fmt(pack)}")

@@ -58,6 +58,7 @@ from daemon.state import (
     differences,
     restore,
 )
+from daemon.statedir import held_lock_fd
 from daemon.views import PoolView, memory_map_key, memory_map_view, pool_view
 from pool.guest import Guest
 from pool.guest.units import PAGE_SIZE, format_size
@@ -205,7 +206,9 @@ class Service:
             here = Position(journal.last_seq(), journal.last_chain)
             if position.read() != here:
                 position.write(here)  # first start, or a rollback the operator accepted
-            self.journal = AsyncJournal(journal, journal.last_seq(), position)
+            self.journal = AsyncJournal(
+                journal, journal.last_seq(), position, lock_fd=held_lock_fd(state_dir)
+            )
         except BaseException:
             journal.close()
             if position is not None:
@@ -477,7 +480,7 @@ class Service:
             await self._durable()
         # No await from here to the fork (or the in-process walk): the state is exactly that
         # of record `seq`. A forked child walks its copy-on-write image (daemon.forksnap);
-        # where it cannot, the walk runs here and the packing on the writer thread.
+        # where it cannot, the walk runs here and the packing on the journal's worker thread.
         seq = journal.last_seq
         try:
             blob = await encode_forked(lambda: state.snapshot(seq).pack())

@@ -6,7 +6,7 @@ while the loop keeps serving would race the handlers. Walking it on the loop was
 Redis uses for ``BGSAVE``: ``fork()`` gives the child a copy-on-write image of the whole
 process at that instant; the child walks and packs that frozen state and writes the bytes to
 a pipe, the parent keeps serving and reads them from the pipe on a thread, then stores them
-(on the journal writer thread, as before).
+(on the journal's worker thread, as before).
 
 The child runs nothing but the walk, zlib and ``os.write``: no logging, no SQLite, no event
 loop (those may hold locks that another thread of the parent held at the fork), and leaves

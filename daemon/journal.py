@@ -17,7 +17,8 @@ Tables:
 WAL mode. ``synchronous=FULL`` by default: a commit is fsynced before the daemon answers, so
 an acknowledged request survives a power loss, not only a kill -9 (``NORMAL`` would be
 enough for process crashes: in WAL mode it syncs only at checkpoints). Commits are grouped
-(:class:`AsyncJournal`): concurrent requests share one fsync.
+(:class:`AsyncJournal`): concurrent requests share one fsync. The records are written by a
+child process (daemon.journal_writer), the snapshot by the daemon's own connection.
 
 Beside the database, the last acknowledged position (seq, chain) is kept in its own file
 (daemon.position), which a lost or damaged WAL cannot take back with it: the daemon checks
@@ -33,28 +34,33 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import errno
 import hashlib
 import json
+import logging
+import marshal
+import os
 import sqlite3
-import threading
+import struct
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from daemon.position import Position, PositionFile
 
+log = logging.getLogger("sharedpoold")
+
 SCHEMA_VERSION = 2  # 2: the chain column (a version-1 database is migrated at open)
 GENESIS = "0" * 64  # the chain "before" record 1
 FULL_RETRY_SECONDS = 1.0
+BUSY_SECONDS = 60.0  # how long a write waits for the other connection's lock
 
 
 class JournalError(RuntimeError):
     """The journal could not be written: the daemon can no longer acknowledge anything."""
-
-
-class StorageFull(JournalError):
-    """The disk is full: nothing more can be journaled until space returns (retried)."""
 
 
 def is_storage_full(exc: BaseException) -> bool:
@@ -80,13 +86,52 @@ def _dumps(obj: Any) -> str:
     return _ENCODER.encode(obj)
 
 
+# ---- the frames AsyncJournal sends its writer process (daemon.journal_writer) ----------
+
+Record = tuple[int, str, dict[str, Any], Any]
+FRAME = struct.Struct("<I")
+
+
+def encode_frame(record: Record) -> bytes:
+    """One record as a frame. The record is encoded when appended, so that a caller
+    changing its dicts afterwards does not change what is journaled. marshal takes only the
+    exact built-in types; anything else json accepts (a str or int subclass, an enum
+    member) is first reduced to them by a JSON round trip, which journals the same text
+    (for the str-keyed dicts this daemon appends)."""
+    try:
+        body = marshal.dumps(record)
+    except ValueError:
+        body = marshal.dumps(tuple(json.loads(_dumps(list(record)))))
+    return FRAME.pack(len(body)) + body
+
+
+def decode_frames(buf: bytearray) -> list[Record]:
+    """The whole frames at the head of `buf`, removed from it (a partial one stays)."""
+    out: list[Record] = []
+    at = 0
+    while len(buf) - at >= FRAME.size:
+        (n,) = FRAME.unpack_from(buf, at)
+        if len(buf) - at - FRAME.size < n:
+            break
+        seq, op, args, result = marshal.loads(bytes(buf[at + FRAME.size : at + FRAME.size + n]))
+        out.append((seq, op, args, result))
+        at += FRAME.size + n
+    del buf[:at]
+    return out
+
+
 class Journal:
     """Synchronous access to the database. All calls after `open` come from one thread at a
     time (AsyncJournal funnels them through a single-worker executor)."""
 
     def __init__(self, path: Path, synchronous: str = "full") -> None:
         self.path = path
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self.synchronous = synchronous
+        # Two connections write: the writer process's (records) and the daemon's (the
+        # snapshot); each waits for the other's lock rather than fail at once.
+        self._db = sqlite3.connect(
+            path, check_same_thread=False, isolation_level=None, timeout=BUSY_SECONDS
+        )
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute(f"PRAGMA synchronous={'FULL' if synchronous == 'full' else 'NORMAL'}")
         self._db.execute("PRAGMA foreign_keys=OFF")
@@ -268,71 +313,145 @@ class _Transaction:
 
 class AsyncJournal:
     """Group commit over a Journal: `append` (synchronous, in call order) assigns the next
-    sequence number; `sync` returns once every record appended so far is durable and its
-    position recorded (`position`, when given). One writer thread. A full disk keeps the
-    records queued and retries (`full`); any other write failure is permanent (`failed`).
+    sequence number and hands the record to the writer process (daemon.journal_writer);
+    `sync` returns once every record appended so far is durable and its position recorded
+    (`position`, when given). The writer commits whatever has arrived each time it is free,
+    so concurrent requests share one fsync, and it does so on the other core, outside the
+    event loop's GIL (why a process: daemon.journal_writer). A full disk keeps the records
+    queued there and retries (`full`); any other write failure, or the writer's death, is
+    permanent (`failed`).
 
-    A commit reaches its waiters in one turn of the event loop: the writer thread hands it
-    over with call_soon_threadsafe and each waiter has its own future. Before, it went
-    through the executor's future, the flush task and a shield per waiter, three turns, each
-    behind every request handler the loop had ready (a commit under load was noticed ~0.9
-    ms after it was durable). The writer then takes the records appended meanwhile at once,
-    up to WRITER_RUN transactions in a row, without waiting for the loop to start the next.
-    (sharedpoold under wrk at 32 connections: 6.3k -> 8.0k req/s.)
+    The records reach the writer at the end of the loop turn that appended them (one write
+    to its pipe for all of them); its acknowledgements come back as lines on the other
+    pipe, read by the loop, which wakes each waiter whose record they cover. Reads and the
+    snapshot (`run`) use this process's own connection to the database, on a worker thread.
     """
 
-    WRITER_RUN = 8  # transactions per writer-thread run: run() (snapshots) waits at most this
-
     def __init__(
-        self, journal: Journal, first_seq: int, position: PositionFile | None = None
+        self,
+        journal: Journal,
+        first_seq: int,
+        position: PositionFile | None = None,
+        *,
+        lock_fd: int | None = None,
     ) -> None:
+        """`lock_fd`: the state directory's lock (daemon.statedir), which the writer inherits
+        so that it is held until the writer too has finished."""
         self.journal = journal
         self.position = position
         self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="journal")
-        self._lock = threading.Lock()  # _pending: appended by the loop, taken by the writer
-        self._pending: list[tuple[int, str, dict[str, Any], Any]] = []
         self.last_seq = first_seq  # last appended
         self.committed = first_seq  # last durable
-        self._flushing: asyncio.Future[None] | None = None
         self._waiters: list[tuple[int, asyncio.Future[None]]] = []
         self.failed: BaseException | None = None
-        self.full = False  # the last write found the disk full; retrying
+        self.full = False  # the writer found the disk full; it retries
         self.full_events = 0  # times the disk was found full
-        self.retry_seconds = FULL_RETRY_SECONDS
-        self._retrier: asyncio.Future[None] | None = None
         self.writes = 0  # transactions committed (for tests and the bench)
+        self._out = bytearray()  # frames not yet written to the pipe
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._push_soon = False
+        self._acks = bytearray()
+        self._closing = False
+        self._proc = _start_writer(journal, position, lock_fd)
+        assert self._proc.stdin is not None and self._proc.stdout is not None
+        self._to_writer = self._proc.stdin.fileno()
+        self._from_writer = self._proc.stdout.fileno()
+        os.set_blocking(self._to_writer, False)
+        os.set_blocking(self._from_writer, False)
 
     def append(self, op: str, args: dict[str, Any], result: Any) -> int:
         if self.failed is not None:
             raise JournalError("the journal failed earlier") from self.failed
-        with self._lock:
-            self.last_seq += 1
-            self._pending.append((self.last_seq, op, args, result))
+        self._out += encode_frame((self.last_seq + 1, op, args, result))
+        self.last_seq += 1
+        if not self._push_soon:
+            self._attached().call_soon(self._push)
+            self._push_soon = True
         return self.last_seq
 
     @property
     def pending(self) -> int:
-        return len(self._pending)
+        """Records appended and not (yet) durable."""
+        return self.last_seq - self.committed
 
     async def sync(self, seq: int | None = None) -> None:
         """Wait until record `seq` (default: every record appended so far) is durable. While
-        the disk is full this waits (the retries run by themselves) rather than fails."""
+        the disk is full this waits (the writer retries by itself) rather than fails."""
         target = self.last_seq if seq is None else seq
         while self.committed < target:
             if self.failed is not None:
                 raise JournalError("the journal could not be written") from self.failed
-            if self._flushing is None:
-                self._start_flush()
-            waiter = asyncio.get_running_loop().create_future()
+            waiter = self._attached().create_future()
             self._waiters.append((target, waiter))
-            await waiter  # woken at its commit, or when the writer run ends (then re-check)
+            await waiter  # woken at its commit, or at a failure (then re-check)
 
-    def _start_flush(self) -> asyncio.Future[None]:
-        """A writer run; its outcome reaches the waiters as `committed`, `full` and `failed`
-        (it is retrieved here, so that a failure is not reported again as never retrieved)."""
-        flushing = self._flushing = asyncio.ensure_future(self._flush())
-        flushing.add_done_callback(lambda f: f.cancelled() or f.exception())
-        return flushing
+    def _attached(self) -> asyncio.AbstractEventLoop:
+        """The running loop, reading the writer's acknowledgements from the first use on."""
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+            self._loop.add_reader(self._from_writer, self._on_acks)
+        return self._loop
+
+    def _push(self) -> None:
+        """Write what is queued to the writer's pipe; the rest when the pipe has room."""
+        self._push_soon = False
+        assert self._loop is not None
+        try:
+            while self._out:
+                del self._out[: os.write(self._to_writer, self._out)]
+        except BlockingIOError:
+            self._loop.add_writer(self._to_writer, self._push)
+            self._push_soon = True  # appends add to _out; the writer callback takes them
+            return
+        except OSError as exc:  # the writer is gone: its pipe's EOF says how
+            self._out.clear()
+            self._fail(JournalError(f"the journal writer's pipe broke: {exc}"))
+        self._loop.remove_writer(self._to_writer)
+
+    def _on_acks(self) -> None:
+        """On the loop: the writer's lines (daemon.journal_writer)."""
+        try:
+            data = os.read(self._from_writer, 65536)
+        except BlockingIOError:
+            return
+        if not data:
+            assert self._loop is not None
+            self._loop.remove_reader(self._from_writer)
+            if not self._closing:
+                self._fail(JournalError(f"the journal writer exited ({self._exit_status()})"))
+            return
+        self._acks += data
+        *lines, rest = self._acks.split(b"\n")
+        self._acks = bytearray(rest)
+        upto = None
+        for line in lines:
+            kind, _, text = line.decode(errors="replace").partition(" ")
+            if kind == "C":
+                upto = int(text)
+                self.writes += 1
+                self.full = False
+            elif kind == "F":
+                if not self.full:
+                    self.full_events += 1
+                self.full = True
+                log.warning("the journal cannot be written, the disk is full: %s", text)
+            else:
+                self._fail(JournalError(f"the journal could not be written: {text}"))
+        if upto is not None and upto > self.committed:
+            self.committed = upto
+            self._wake(upto)
+
+    def _fail(self, exc: JournalError) -> None:
+        if self.failed is None:
+            self.failed = exc
+        self._wake(None)
+
+    def _exit_status(self) -> str:
+        try:
+            code = self._proc.wait(5)
+        except subprocess.TimeoutExpired:
+            return "closed its pipe"
+        return f"signal {-code}" if code < 0 else f"status {code}"
 
     def _wake(self, upto: int | None) -> None:
         """Wake the waiters whose record is durable (`upto`), or every waiter (None)."""
@@ -345,80 +464,58 @@ class AsyncJournal:
                 keep.append((target, waiter))
         self._waiters = keep
 
-    def _committed_to(self, seq: int) -> None:
-        """On the loop: a transaction up to `seq` is durable."""
-        self.writes += 1
-        if seq > self.committed:
-            self.committed = seq
-        self._wake(seq)
-
-    def _write(self, batch: list[tuple[int, str, dict[str, Any], Any]]) -> None:
-        pos = self.journal.write(batch)
-        if self.position is not None:
-            self.position.write(pos)
-
-    def _write_run(self, loop: asyncio.AbstractEventLoop) -> None:
-        """On the writer thread: write what is pending, then what was appended meanwhile, up
-        to WRITER_RUN transactions; each one reported to the loop as it becomes durable. A
-        failed batch goes back to the head of the queue (kept for a retry on a full disk)."""
-        for _ in range(self.WRITER_RUN):
-            with self._lock:
-                batch, self._pending = self._pending, []
-            if not batch:
-                return
-            try:
-                self._write(batch)
-            except BaseException:
-                with self._lock:
-                    self._pending[:0] = batch
-                raise
-            loop.call_soon_threadsafe(self._committed_to, batch[-1][0])
-
-    async def _flush(self) -> None:
-        if self.full:
-            await asyncio.sleep(self.retry_seconds)
-        try:
-            loop = asyncio.get_running_loop()
-            await loop.run_in_executor(self._executor, self._write_run, loop)
-            self.full = False
-        except BaseException as exc:
-            if is_storage_full(exc):
-                if not self.full:
-                    self.full_events += 1
-                self.full = True
-                self._keep_retrying()
-                raise StorageFull(f"the disk is full: {exc}") from exc
-            self.failed = exc
-            raise
-        finally:
-            self._flushing = None
-            self._wake(None)  # the rest re-check: a new run, a retry, or the failure
-
-    def _keep_retrying(self) -> None:
-        """While full, retry even when nobody waits (the clients may have gone)."""
-
-        async def retry() -> None:
-            while self.full and self.failed is None:
-                flushing = self._flushing or self._start_flush()
-                try:
-                    await asyncio.shield(flushing)
-                except StorageFull:
-                    pass
-                except BaseException:
-                    return
-
-        if self._retrier is None or self._retrier.done():
-            self._retrier = asyncio.ensure_future(retry())
-
     async def run(self, fn: Any, *args: Any) -> Any:
-        """Run a Journal method on the writer thread (after whatever is queued there)."""
+        """Run a blocking call (a Journal method: the snapshot) on this process's worker
+        thread, with its own connection to the database."""
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, fn, *args)
 
     def close(self) -> None:
-        if self._retrier is not None:
-            self._retrier.cancel()
+        """Stop the writer: it commits what it has and exits at the end of its input. A
+        writer still waiting for disk space is not waited for (the daemon logs the records
+        it drops); neither is one that does not exit within WRITER_EXIT_SECONDS."""
+        self._closing = True
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.remove_reader(self._from_writer)
+            self._loop.remove_writer(self._to_writer)
+        if self._out and not self.full and self.failed is None:
+            os.set_blocking(self._to_writer, True)
+            with contextlib.suppress(OSError):  # a dead writer: its records were never acked
+                os.write(self._to_writer, self._out)
+        self._out.clear()
+        assert self._proc.stdin is not None and self._proc.stdout is not None
+        self._proc.stdin.close()
+        try:
+            self._proc.wait(0.5 if self.full else WRITER_EXIT_SECONDS)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            self._proc.wait()
+        self._proc.stdout.close()
         self._executor.shutdown(wait=True)
         self.journal.close()
         if self.position is not None:
             self.position.close()
+
+
+WRITER_EXIT_SECONDS = 30.0
+
+
+def _start_writer(
+    journal: Journal, position: PositionFile | None, lock_fd: int | None
+) -> subprocess.Popen[bytes]:
+    """The writer process, importing this very package (the directory that holds it, not
+    whatever `daemon` the working directory or the search path would offer: -P keeps the
+    working directory off sys.path)."""
+    root = str(Path(__file__).resolve().parent.parent)
+    code = (
+        f"import sys; sys.path.insert(0, {root!r}); "
+        "from daemon.journal_writer import main; sys.exit(main())"
+    )
+    pos = "-" if position is None else str(position.path)
+    return subprocess.Popen(
+        [sys.executable, "-P", "-c", code, str(journal.path), journal.synchronous, pos],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        close_fds=True,
+        pass_fds=() if lock_fd is None else (lock_fd,),
+    )

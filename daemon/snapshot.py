@@ -44,7 +44,7 @@ class Prepared:
     """A snapshot walked but not yet packed: the JSON document and the binary section, both
     fresh objects that share nothing with the live state. The walk must see one consistent
     state, so it runs on the event loop; :meth:`pack` (JSON encoding and zlib, most of the
-    time) touches only these copies, so the daemon runs it on its journal writer thread."""
+    time) touches only these copies, so the daemon runs it on its journal's worker thread."""
 
     document: dict[str, Any]
     binary: bytearray

@@ -11,7 +11,11 @@ can plant state in. So before anything in it is read:
 - an exclusive ``flock(2)`` on ``sharedpoold.lock`` inside it is taken and held for the
   daemon's life (the kernel drops it when the process dies, even on kill -9, so there is
   no stale lock to clean up); the holder's pid is written into the file so that a second
-  daemon can say who holds it.
+  daemon can say who holds it. The journal's writer process (daemon.journal_writer)
+  inherits the lock: a daemon killed with kill -9 leaves its writer committing what it
+  was sent, and the next daemon must not read the journal before that is done. So when
+  the pid in the file is gone, a new daemon waits (LOCK_WAIT_SECONDS) for the lock
+  instead of refusing at once.
 """
 
 from __future__ import annotations
@@ -20,13 +24,16 @@ import contextlib
 import fcntl
 import os
 import stat
+import time
 from pathlib import Path
 
 import attrs
 
-__all__ = ["LOCK_NAME", "StateDirError", "StateDirLock", "lock_state_dir"]
+__all__ = ["LOCK_NAME", "StateDirError", "StateDirLock", "held_lock_fd", "lock_state_dir"]
 
 LOCK_NAME = "sharedpoold.lock"
+LOCK_WAIT_SECONDS = 10.0  # for a dead daemon's journal writer to finish
+_HELD: dict[Path, int] = {}  # the locks this process holds, by directory
 
 
 class StateDirError(Exception):
@@ -42,6 +49,7 @@ class StateDirLock:
     fd: int
 
     def release(self) -> None:
+        _HELD.pop(self.path, None)
         if self.fd >= 0:
             with contextlib.suppress(OSError):
                 os.close(self.fd)
@@ -84,14 +92,50 @@ def lock_state_dir(path: Path) -> StateDirLock:
     except OSError as exc:
         raise StateDirError(f"state directory {path}: {lock_path}: {exc.strerror}") from None
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        _flock(fd, path)
+    except StateDirError:
         os.close(fd)
-        raise StateDirError(f"state directory {path} is in use by pid {holder}") from None
-    except OSError as exc:
-        os.close(fd)
-        raise StateDirError(f"state directory {path}: cannot lock: {exc.strerror}") from None
+        raise
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    _HELD[path] = fd
     return StateDirLock(path, fd)
+
+
+def held_lock_fd(path: Path) -> int | None:
+    """The descriptor of the lock this process holds on `path` (for the journal writer to
+    inherit), or None."""
+    return _HELD.get(path)
+
+
+def _flock(fd: int, path: Path) -> None:
+    """Take the lock; while its holder's pid is gone (its journal writer still finishing),
+    wait for it up to LOCK_WAIT_SECONDS."""
+    deadline = time.monotonic() + LOCK_WAIT_SECONDS
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            if _alive(holder) or time.monotonic() > deadline:
+                raise StateDirError(f"state directory {path} is in use by pid {holder}") from None
+            time.sleep(0.02)
+        except OSError as exc:
+            raise StateDirError(f"state directory {path}: cannot lock: {exc.strerror}") from None
+
+
+def _alive(pid: str) -> bool:
+    """Whether process `pid` runs (a zombie does not; an unreadable pid counts as alive:
+    refuse)."""
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except (ValueError, OSError):
+        return True
+    try:
+        state = Path(f"/proc/{int(pid)}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return True
+    return state != "Z"

@@ -72,6 +72,69 @@ async def test_second_daemon_on_the_same_state_dir_is_refused_with_the_holders_p
         d2.stop()
 
 
+_HOLDER = """
+import os, subprocess, sys
+from pathlib import Path
+from daemon.statedir import lock_state_dir
+lock = lock_state_dir(Path(sys.argv[1]))
+writer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(1.5)"],
+                          pass_fds=(lock.fd,))
+print(writer.pid, flush=True)
+os._exit(0)  # killed: the lock stays with the 'writer'
+"""
+
+
+def test_a_dead_daemons_writer_keeps_the_lock_and_the_next_daemon_waits_for_it(
+    tmp_path: Path,
+) -> None:
+    from daemon.statedir import lock_state_dir
+
+    state = tmp_path / "state"
+    out = subprocess.run(
+        [sys.executable, "-c", _HOLDER, str(state)],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=30,
+    )
+    writer = int(out.stdout.strip())
+    lock = lock_state_dir(state)  # the holder's pid is gone: waits for its writer
+    try:
+        stat = Path(f"/proc/{writer}/stat")  # taken only once the writer had exited
+        assert not stat.exists() or stat.read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    finally:
+        lock.release()
+
+
+async def test_a_daemon_killed_alone_leaves_its_writer_to_finish_and_restarts_at_once(
+    tmp_path: Path,
+) -> None:
+    d = Daemon(tmp_path, tcp=False)
+    try:
+        await d.wait_ready()
+        async with aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=str(d.sock))) as h:
+            async with h.post("http://d/v1/clients", json={"name": "t"}) as resp:
+                token = (await resp.json())["token"]
+            auth = {"Authorization": f"Bearer {token}"}
+            for _ in range(20):
+                async with h.post("http://d/v1/buffers", json={"size": 4096}, headers=auth) as r:
+                    assert r.status == 201
+        d.signal(signal.SIGKILL)  # the daemon only: its writer sees the end of its input
+        d.wait()
+    finally:
+        d.stop()
+    again = Daemon(tmp_path, tcp=False)  # started at once: waits for the writer's lock
+    try:
+        await again.wait_ready()
+        async with (
+            aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=str(again.sock))) as h,
+            h.get("http://d/v1/debug/invariants") as resp,
+        ):
+            assert (await resp.json())["buffers"] == 20
+    finally:
+        again.stop()
+
+
 @pytest.mark.skipif(os.getuid() != 0, reason="chown to another uid needs root")
 def test_state_dir_owned_by_another_uid_is_refused(tmp_path: Path) -> None:
     state = tmp_path / "state"

@@ -135,14 +135,15 @@ async def test_quotas_refuse_with_a_reason_and_change_nothing(tmp_path: Path) ->
 
 
 async def _acknowledged(tmp_path: Path, n: int) -> Daemon:
-    """A daemon that acknowledged `n` allocations, then was killed (WAL not checkpointed)."""
+    """A daemon that acknowledged `n` allocations, then was killed with its journal writer
+    (WAL not checkpointed: a writer that outlives the daemon closes the database cleanly)."""
     d = Daemon(tmp_path, tcp=False)
     await d.wait_ready()
     async with _session(d) as http:
         _, token = await _register(http)
         for _ in range(n):
             assert (await _alloc(http, token, 4096))[0] == 201
-    d.signal(signal.SIGKILL)
+    d.kill_all()
     d.wait()
     d.stop()
     return d

@@ -197,6 +197,11 @@ class Daemon:
     def signal(self, sig: int) -> None:
         os.kill(self.proc.pid, sig)
 
+    def kill_all(self) -> None:
+        """SIGKILL the daemon and its journal writer at once, as systemd's
+        KillMode=control-group or a power loss would (the WAL is left as it was)."""
+        os.killpg(self.proc.pid, signal.SIGKILL)
+
     def wait(self, timeout: float = 20.0) -> int:
         try:
             return self.proc.wait(timeout)
