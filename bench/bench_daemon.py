@@ -104,10 +104,10 @@ def _cpu_seconds(pid: int) -> float:
     journal writer is one: its CPU is the server's too), from /proc."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     ticks = sum(int(x) for x in fields[11:15])
-    try:
-        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-    except OSError:
-        children = []
+    children = []  # each thread's (the journal writer is started from a worker thread)
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):
+            children += (task / "children").read_text().split()
     seconds = ticks / os.sysconf("SC_CLK_TCK")
     for child in children:
         with contextlib.suppress(OSError):  # exited meanwhile: counted when reaped, or not

@@ -14,7 +14,8 @@ working directory outside the repository:
    `/readyz`;
 3. `hv-netvsc-sim run --cycles 1 --strict` against it, and in-process;
 4. `python -m pool.guest demo` on a small guest;
-5. stops the daemon with SIGTERM and expects exit 0.
+5. checks that the daemon's journal writer process runs from the venv's package, then
+   stops the daemon with SIGTERM and expects exit 0 and the writer gone with it.
 
 Every step is bounded in time; the daemon is killed whatever happens. Exit 0 when all
 pass, 1 with the failing step's output otherwise. Uses only the standard library, so it
@@ -163,6 +164,22 @@ def wait_ready(proc: subprocess.Popen[str], log: Path, timeout: float = 120) -> 
     raise Failed(f"sharedpoold not ready after {timeout:.0f} s:\n{log.read_text()[-3000:]}")
 
 
+def journal_writers(pid: int) -> list[tuple[int, str]]:
+    """(pid, command line) of the daemon's journal writer processes (its children running
+    daemon.journal_writer)."""
+    out = []
+    children = [
+        c
+        for t in Path(f"/proc/{pid}/task").iterdir()
+        for c in t.joinpath("children").read_text().split()
+    ]
+    for child in children:  # each thread's: the writer is started from a worker thread
+        cmdline = Path(f"/proc/{child}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        if "journal_writer" in cmdline:
+            out.append((int(child), cmdline))
+    return out
+
+
 def check(wheel: Path, python: str, content_check: bool) -> None:
     if content_check:
         step(f"contents of {wheel.name}")
@@ -244,10 +261,16 @@ def check(wheel: Path, python: str, content_check: bool) -> None:
                 with urllib.request.urlopen(url + path, timeout=5) as answer:
                     if marker not in answer.read():
                         raise Failed(f"{path} from the wheel lacks {marker!r}")
+            step("the journal writer runs from the installed package, and stops with it")
+            writers = journal_writers(proc.pid)
+            if len(writers) != 1 or str(tmp / "venv") not in writers[0][1]:
+                raise Failed(f"expected one journal writer from the venv, found {writers}")
             step("sharedpoold stops on SIGTERM with exit 0")
             proc.send_signal(signal.SIGTERM)
             if proc.wait(timeout=30) != 0:
                 raise Failed(f"sharedpoold exited {proc.returncode}:\n{log.read_text()[-3000:]}")
+            if Path(f"/proc/{writers[0][0]}").exists():
+                raise Failed(f"the journal writer (pid {writers[0][0]}) outlived the daemon")
         finally:
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
