@@ -31,7 +31,7 @@ import attrs
 from daemon.clients import AdminCredential, Client, Clients, token_hash
 from daemon.config import Config
 from daemon.forksnap import ForkFailed, encode_forked
-from daemon.journal import AsyncJournal, Journal, is_storage_full
+from daemon.journal import AsyncJournal, Journal, JournalError, is_storage_full
 from daemon.position import POSITION_NAME, Position, PositionFile
 from daemon.quotas import QuotaExceeded, Quotas
 from daemon.snapshot import Prepared
@@ -298,8 +298,13 @@ class Service:
         self.journal.append(idle.op, idle.args(), idle.result(False))
 
     def _fatal(self, exc: BaseException) -> None:
-        """The in-memory state may now differ from the journal: stop serving."""
-        log.critical("fatal error, the daemon stops: %r", exc, exc_info=exc)
+        """The in-memory state may now differ from the journal: stop serving. A journal
+        that cannot be written is the machine's failure, not the daemon's: one line, no
+        traceback; anything else is a bug, logged with its traceback."""
+        if isinstance(exc, JournalError):
+            log.critical("fatal error, the daemon stops: %s", exc)
+        else:
+            log.critical("fatal error, the daemon stops: %r", exc, exc_info=exc)
         self.state = "failed"
         self.error = repr(exc)
         if self.on_fatal is not None:

@@ -380,7 +380,7 @@ class AsyncJournal:
         target = self.last_seq if seq is None else seq
         while self.committed < target:
             if self.failed is not None:
-                raise JournalError("the journal could not be written") from self.failed
+                raise JournalError(f"the journal could not be written: {self.failed}") from None
             waiter = self._attached().create_future()
             self._waiters.append((target, waiter))
             await waiter  # woken at its commit, or at a failure (then re-check)
@@ -403,9 +403,9 @@ class AsyncJournal:
             self._loop.add_writer(self._to_writer, self._push)
             self._push_soon = True  # appends add to _out; the writer callback takes them
             return
-        except OSError as exc:  # the writer is gone: its pipe's EOF says how
+        except OSError:  # the writer's end is closed: it exited, or is exiting
             self._out.clear()
-            self._fail(JournalError(f"the journal writer's pipe broke: {exc}"))
+            self._fail(JournalError(f"the journal writer exited ({self._exit_status()})"))
         self._loop.remove_writer(self._to_writer)
 
     def _on_acks(self) -> None:
@@ -417,7 +417,7 @@ class AsyncJournal:
         if not data:
             assert self._loop is not None
             self._loop.remove_reader(self._from_writer)
-            if not self._closing:
+            if not self._closing and self.failed is None:
                 self._fail(JournalError(f"the journal writer exited ({self._exit_status()})"))
             return
         self._acks += data
@@ -436,7 +436,7 @@ class AsyncJournal:
                 self.full = True
                 log.warning("the journal cannot be written, the disk is full: %s", text)
             else:
-                self._fail(JournalError(f"the journal could not be written: {text}"))
+                self._fail(JournalError(f"the writer reports {text}"))
         if upto is not None and upto > self.committed:
             self.committed = upto
             self._wake(upto)

@@ -335,3 +335,45 @@ def test_storage_errors_exit_4_not_3(tmp_path: Path) -> None:
     shutil.rmtree(db)
     os.sync()
     assert sqlite3.sqlite_version
+
+
+# ---- 8. the journal writer dies --------------------------------------------------------------
+
+
+def _journal_writer(pid: int) -> int:
+    """The daemon's journal writer process (a child of one of its threads)."""
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            if b"journal_writer" in Path(f"/proc/{child}/cmdline").read_bytes():
+                return int(child)
+    raise AssertionError("no journal writer")
+
+
+async def test_a_killed_journal_writer_stops_the_daemon_in_one_line_and_loses_nothing(
+    tmp_path: Path,
+) -> None:
+    d = Daemon(tmp_path, tcp=False)
+    try:
+        await d.wait_ready()
+        async with _session(d) as http:
+            _, token = await _register(http)
+            for _ in range(5):
+                assert (await _alloc(http, token, 4096))[0] == 201
+            os.kill(_journal_writer(d.proc.pid), signal.SIGKILL)  # the OOM killer, say
+            status, problem = await _alloc(http, token, 4096)
+            assert status == 503 and problem["type"].endswith("not-ready"), problem
+        assert d.wait(timeout=30) == 1
+        out = d.output()
+        assert (
+            "fatal error, the daemon stops: the journal could not be written: the journal "
+            "writer exited (signal 9)"
+        ) in out, out
+        assert "Traceback" not in out, out
+    finally:
+        d.stop()
+    again = Daemon(tmp_path, tcp=False)  # the five acknowledged buffers are there
+    try:
+        await again.wait_ready()
+        assert (await _invariants(again))["buffers"] == 5
+    finally:
+        again.stop()
