@@ -346,7 +346,8 @@ class AsyncJournal:
         self.failed: BaseException | None = None
         self.full = False  # the writer found the disk full; it retries
         self.full_events = 0  # times the disk was found full
-        self.writes = 0  # transactions committed (for tests and the bench)
+        self.writes = 0  # transactions committed (sharedpool_journal_commits_total)
+        self.records = 0  # records they made durable (sharedpool_journal_records_total)
         self._out = bytearray()  # frames not yet written to the pipe
         self._loop: asyncio.AbstractEventLoop | None = None
         self._push_soon = False
@@ -438,6 +439,7 @@ class AsyncJournal:
             else:
                 self._fail(JournalError(f"the writer reports {text}"))
         if upto is not None and upto > self.committed:
+            self.records += upto - self.committed
             self.committed = upto
             self._wake(upto)
 

@@ -375,6 +375,16 @@ class ServiceCollector(Collector):
         )
         events.add_metric([], journal.full_events if journal is not None else 0)
         yield events
+        commits = CounterMetricFamily(
+            P + "journal_commits",
+            "Journal transactions committed by the writer (one fsync each with "
+            "synchronous=full); journal_records / journal_commits is the group commit's size",
+        )
+        commits.add_metric([], journal.writes if journal is not None else 0)
+        yield commits
+        records = CounterMetricFamily(P + "journal_records", "Journal records made durable")
+        records.add_metric([], journal.records if journal is not None else 0)
+        yield records
 
 
 # ---- exposition ------------------------------------------------------------------------------

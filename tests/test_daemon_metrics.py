@@ -140,6 +140,9 @@ async def test_metrics_contract_and_values(tmp_path: Path) -> None:
     assert buckets[0] == 1e-6 and buckets[-2] == 0.1 and buckets[-1] == float("inf")
     assert value("sharedpool_modeled_conversion_seconds", "_count") == 4
     assert value("sharedpool_build_info", version="0.1.0") == 1
+    # every request above waited for its record: register, 4 allocations, a free, a grow
+    records = value("sharedpool_journal_records", "_total")
+    assert records >= 7 and 1 <= value("sharedpool_journal_commits", "_total") <= records
 
 
 async def test_metrics_formats_equal_prometheus_client_encoders(tmp_path: Path) -> None:
