@@ -602,7 +602,7 @@ def build() -> dash_m.Dashboard:
                 "{{reason}}",
             )
         ],
-        width=12,
+        width=8,
     )
     b.timeseries(
         "Journal storage",
@@ -613,7 +613,24 @@ def build() -> dash_m.Dashboard:
             (f"max(sharedpool_storage_full{{{SEL}}})", "disk full"),
             (f"sum(increase(sharedpool_storage_full_events_total{{{SEL}}}[$__range]))", "events"),
         ],
-        width=12,
+        width=8,
+    )
+    b.timeseries(
+        "Journal commits",
+        "Transactions the journal's writer process committed per second (one fsync each "
+        "with synchronous=full), and records per commit (right axis): the group commit's "
+        "size, which grows with concurrent clients.",
+        "ops",
+        [
+            (f"sum(rate(sharedpool_journal_commits_total{{{SEL}}}[$__rate_interval]))", "commits"),
+            (
+                f"sum(rate(sharedpool_journal_records_total{{{SEL}}}[$__rate_interval]))"
+                f" / sum(rate(sharedpool_journal_commits_total{{{SEL}}}[$__rate_interval]))",
+                "records per commit",
+            ),
+        ],
+        width=8,
+        right_axis={"B": "short"},
     )
 
     b.row("Daemon process")
