@@ -57,6 +57,7 @@ SCHEMA_VERSION = 2  # 2: the chain column (a version-1 database is migrated at o
 GENESIS = "0" * 64  # the chain "before" record 1
 FULL_RETRY_SECONDS = 1.0
 BUSY_SECONDS = 60.0  # how long a write waits for the other connection's lock
+WRITER_EXIT_SECONDS = 30.0  # how long close() waits for the writer to commit and exit
 
 
 class JournalError(RuntimeError):
@@ -497,9 +498,6 @@ class AsyncJournal:
         self.journal.close()
         if self.position is not None:
             self.position.close()
-
-
-WRITER_EXIT_SECONDS = 30.0
 
 
 def _start_writer(
