@@ -322,6 +322,51 @@ async def test_full_disk_serves_reads_refuses_changes_and_resumes(
         again.stop()
 
 
+async def test_a_stop_while_the_disk_is_full_does_not_wait_for_the_writer_and_says_what_is_lost(
+    tmp_path: Path, small_disk: Path
+) -> None:
+    work = small_disk / "d"
+    work.mkdir(mode=0o700)
+    d = Daemon(work, "--synchronous", "full", tcp=False)
+    try:
+        await d.wait_ready()
+        async with _session(d) as http:
+            _, token = await _register(http)
+            assert (await _alloc(http, token, 4096))[0] == 201
+            writer = _journal_writer(d.proc.pid)
+            filler = _fill(small_disk)
+            waiting = asyncio.ensure_future(_alloc(http, token, 8192))
+            for _ in range(100):
+                async with http.get("http://d/metrics") as resp:
+                    if "sharedpool_storage_full 1.0" in await resp.text():
+                        break
+                await asyncio.sleep(0.05)
+            else:
+                raise AssertionError("storage_full never reported")
+            d.signal(signal.SIGTERM)  # the writer is retrying: the stop must not wait for it
+            # (the request in flight is drained for daemon.shutdown_timeout, 10 s, as any)
+            assert d.wait(timeout=30) == 0, d.output()
+            waiting.cancel()
+        out = d.output()
+        assert "stopping with a full disk: 1 records never acknowledged are not saved" in out
+        assert "Traceback" not in out, out
+        assert not Path(f"/proc/{writer}").exists() or (
+            Path(f"/proc/{writer}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+        )
+        filler.unlink()
+    except BaseException:
+        print(d.output())
+        raise
+    finally:
+        d.stop()
+    again = Daemon(work, tcp=False)  # space is back: the acknowledged buffer, not the other
+    try:
+        await again.wait_ready()
+        assert (await _invariants(again))["buffers"] == 1
+    finally:
+        again.stop()
+
+
 def test_storage_errors_exit_4_not_3(tmp_path: Path) -> None:
     """A database that cannot be opened for writing is a storage error, not a failed
     restore: a different exit status and message."""
