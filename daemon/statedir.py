@@ -118,8 +118,14 @@ def _flock(fd: int, path: Path) -> None:
             return
         except BlockingIOError:
             holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-            if _alive(holder) or time.monotonic() > deadline:
+            if _alive(holder):
                 raise StateDirError(f"state directory {path} is in use by pid {holder}") from None
+            if time.monotonic() > deadline:
+                raise StateDirError(
+                    f"state directory {path} is still locked {LOCK_WAIT_SECONDS:g} s after its "
+                    f"daemon (pid {holder}) exited: its journal writer has not finished "
+                    "(look for a sharedpoold journal_writer process)"
+                ) from None
             time.sleep(0.02)
         except OSError as exc:
             raise StateDirError(f"state directory {path}: cannot lock: {exc.strerror}") from None

@@ -78,7 +78,8 @@ from pathlib import Path
 from daemon.statedir import lock_state_dir
 lock = lock_state_dir(Path(sys.argv[1]))
 writer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(1.5)"],
-                          pass_fds=(lock.fd,))
+                          pass_fds=(lock.fd,), stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL)  # not our pipe: run() returns at once
 print(writer.pid, flush=True)
 os._exit(0)  # killed: the lock stays with the 'writer'
 """
@@ -98,12 +99,45 @@ def test_a_dead_daemons_writer_keeps_the_lock_and_the_next_daemon_waits_for_it(
         timeout=30,
     )
     writer = int(out.stdout.strip())
+    assert Path(f"/proc/{writer}").exists()  # still running when the next daemon starts
     lock = lock_state_dir(state)  # the holder's pid is gone: waits for its writer
     try:
         stat = Path(f"/proc/{writer}/stat")  # taken only once the writer had exited
         assert not stat.exists() or stat.read_text().rsplit(")", 1)[1].split()[0] == "Z"
     finally:
         lock.release()
+
+
+def test_a_writer_that_does_not_finish_is_named_not_its_dead_daemon(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from daemon import statedir
+
+    monkeypatch.setattr(statedir, "LOCK_WAIT_SECONDS", 0.2)
+    state = tmp_path / "state"
+    out = subprocess.run(
+        [sys.executable, "-c", _HOLDER, str(state)],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=30,
+    )
+    with pytest.raises(statedir.StateDirError) as err:
+        statedir.lock_state_dir(state)
+    assert "still locked 0.2 s after its daemon" in str(err.value)
+    assert "journal writer has not finished" in str(err.value)
+    assert _wait_gone(int(out.stdout.strip()))
+    statedir.lock_state_dir(state).release()  # and once it has, the lock is free
+
+
+def _wait_gone(pid: int, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        stat = Path(f"/proc/{pid}/stat")
+        if not stat.exists() or stat.read_text().rsplit(")", 1)[1].split()[0] == "Z":
+            return True
+        time.sleep(0.05)
+    return False
 
 
 async def test_a_daemon_killed_alone_leaves_its_writer_to_finish_and_restarts_at_once(
