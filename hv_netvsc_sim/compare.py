@@ -226,7 +226,9 @@ def _run_forked(
             pools.append(ctx.Pool(min(len(early), max(1, jobs - 1))))
             pending.update({n: pools[-1].apply_async(_worker, (n,)) for n in early})
         if late:
-            factory.prepare()  # the shared guest, aged once; the late workers inherit it
+            # the shared guest, aged once, from the kept pristine one (the early workers
+            # have their copy); the late workers inherit it
+            factory.prepare(take_pristine=True)
             pools.append(ctx.Pool(min(jobs, len(late))))
             pending.update({n: pools[-1].apply_async(_worker, (n,)) for n in late})
         results = {}

@@ -41,6 +41,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import mmap
 import os
 import stat
 import tempfile
@@ -69,6 +70,7 @@ MODEL_VERSION = 1
 """Bump when aging's result changes other than through the hashed sources (module docstring)."""
 
 MAGIC = b"sharedpool-aged-guest 1\n"
+_MAX_HEADER = 1 << 20  # the header line's end is looked for in this much (it is ~8 KB)
 NO_CACHE_ENV = "SHAREDPOOL_NO_CACHE"
 MAX_BYTES_ENV = "SHAREDPOOL_AGED_CACHE_MAX_BYTES"
 DEFAULT_MAX_BYTES = 2 << 30
@@ -194,27 +196,39 @@ class AgedCache:
 
     def load(self, guest: Guest, key: str) -> bool:
         """Put the cached aged state of ``key`` into ``guest`` (which must be in the state the
-        key was computed from). False, guest untouched, when there is no usable file."""
+        key was computed from). False, guest untouched, when there is no usable file.
+
+        The file is mapped, not read: its payload is hashed and copied into the guest's
+        arrays straight from the page cache (reading it into a bytes object and slicing
+        that cost two more copies of ~48 MB, and their page faults, on the 16 GiB default;
+        the load is on compare's critical path). Only this user can write the file, and
+        every writer replaces it with a new one (os.replace), so the mapped pages cannot
+        change under the check."""
         path = self.path(key)
         try:
-            data = self._read_safely(path)
+            mapped = self._map_safely(path)
         except FileNotFoundError:
             return False
-        except (OSError, _Unusable) as exc:
+        except (OSError, ValueError, _Unusable) as exc:
             self._warn(f"ignoring aged-guest cache file {path}: {exc}; aging again")
             return False
-        try:
-            arrays, scalars = self._parse(data, key, guest)
-        except _Unusable as exc:
-            self._warn(f"ignoring aged-guest cache file {path}: {exc}; aging again")
-            return False
-        self._apply(guest, arrays, scalars)
+        with mapped, memoryview(mapped) as data:
+            try:
+                arrays, scalars = self._parse(data, key, guest)
+            except _Unusable as exc:
+                self._warn(f"ignoring aged-guest cache file {path}: {exc}; aging again")
+                return False
+            try:
+                self._apply(guest, arrays, scalars)
+            finally:
+                for view in arrays.values():
+                    view.release()  # before the map closes
         self.hits += 1
         with contextlib.suppress(OSError):
             os.utime(path)  # recently used: pruning takes the least recently used first
         return True
 
-    def _read_safely(self, path: Path) -> bytes:
+    def _map_safely(self, path: Path) -> mmap.mmap:
         self._check_dir(path.parent)
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         try:
@@ -225,10 +239,11 @@ class AgedCache:
                 raise _Unusable(f"owned by uid {st.st_uid}, not {os.getuid()}")
             if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
                 raise _Unusable(f"writable by group or others (mode {st.st_mode & 0o777:o})")
-            with os.fdopen(fd, "rb", closefd=False) as f:
-                return f.read()
+            if st.st_size == 0:
+                raise _Unusable("empty")
+            return mmap.mmap(fd, st.st_size, access=mmap.ACCESS_READ)
         finally:
-            os.close(fd)
+            os.close(fd)  # the map keeps its own reference to the file
 
     @staticmethod
     def _check_dir(directory: Path) -> None:
@@ -239,26 +254,29 @@ class AgedCache:
             raise _Unusable(f"{directory} is not owned by this user alone")
 
     @staticmethod
-    def _parse(data: bytes, key: str, guest: Guest) -> tuple[dict[str, bytes], dict[str, Any]]:
-        if not data.startswith(MAGIC):
+    def _parse(
+        data: memoryview, key: str, guest: Guest
+    ) -> tuple[dict[str, memoryview], dict[str, Any]]:
+        """Check the file; the arrays as views into `data` (released by the caller)."""
+        if bytes(data[: len(MAGIC)]) != MAGIC:
             raise _Unusable("not an aged-guest file of this format")
-        end = data.find(b"\n", len(MAGIC))
+        end = bytes(data[:_MAX_HEADER]).find(b"\n", len(MAGIC))
         if end < 0:
             raise _Unusable("truncated header")
+        arrays: dict[str, memoryview] = {}
         try:
-            header = json.loads(data[len(MAGIC) : end])
+            header = json.loads(bytes(data[len(MAGIC) : end]))
             if header["key"] != key:
                 raise _Unusable("its key is not the file's name")
-            payload = memoryview(data)[end + 1 :]
+            payload = data[end + 1 :]
             if hashlib.sha256(payload).hexdigest() != header["sha256"]:
                 raise _Unusable("content hash mismatch (corrupt or truncated)")
             expected = {name: (_typecode(arr), len(arr)) for name, arr in _state_arrays(guest)}
-            arrays: dict[str, bytes] = {}
             at = 0
             for name, typecode, nbytes in header["arrays"]:
                 if name not in expected or expected[name][0] != typecode:
                     raise _Unusable(f"unexpected array {name!r}")
-                arrays[name] = bytes(payload[at : at + nbytes])
+                arrays[name] = payload[at : at + nbytes]
                 at += nbytes
             if at != len(payload) or set(arrays) != set(expected):
                 raise _Unusable("array table does not match the payload")
@@ -271,16 +289,24 @@ class AgedCache:
                 raise _Unusable("bad scalars")
             return arrays, scalars
         except (KeyError, TypeError, ValueError) as exc:
+            for view in arrays.values():
+                view.release()
             raise _Unusable(f"malformed header ({exc})") from None
+        except _Unusable:
+            for view in arrays.values():
+                view.release()
+            raise
 
     @staticmethod
-    def _apply(guest: Guest, arrays: dict[str, bytes], scalars: dict[str, Any]) -> None:
+    def _apply(guest: Guest, arrays: dict[str, memoryview], scalars: dict[str, Any]) -> None:
         a = guest.allocator
         for name in _ALLOCATOR_ARRAYS:
             memoryview(getattr(a, name)).cast("B")[:] = arrays[name]  # in place: the core's views
         c = guest.churn
-        c._short = array("q", arrays["churn._short"])
-        c._long = array("q", arrays["churn._long"])
+        c._short = array("q")
+        c._short.frombytes(arrays["churn._short"])
+        c._long = array("q")
+        c._long.frombytes(arrays["churn._long"])
         c.steps_done = int(scalars["steps_done"])
         c.allocations_made = int(scalars["allocations_made"])
         c.frees_made = int(scalars["frees_made"])

@@ -110,8 +110,12 @@ def test_a_corrupt_file_is_ignored_with_one_warning_and_rebuilt(tmp_path: Path) 
         lambda p: p.write_bytes(b"not a cache file\n"),
         lambda p: p.write_bytes(p.read_bytes()[: len(p.read_bytes()) // 2]),
         lambda p: p.write_bytes(aged_cache.MAGIC + b"{]\n"),
+        lambda p: p.write_bytes(b""),  # a file that cannot be mapped
+        lambda p: p.write_bytes(
+            aged_cache.MAGIC + p.read_bytes()[len(aged_cache.MAGIC) :].replace(b"\n", b" ", 1)
+        ),  # the header line runs into the payload
     ],
-    ids=["foreign", "truncated", "bad-header"],
+    ids=["foreign", "truncated", "bad-header", "empty", "header-without-end"],
 )
 def test_foreign_and_truncated_files_are_rebuilt(tmp_path: Path, damage: object) -> None:
     cache = AgedCache(tmp_path)
@@ -159,6 +163,19 @@ def test_guests_age_once_per_configuration_across_instances(tmp_path: Path) -> N
     assert (cache.misses, cache.hits) == (1, 1)
     assert full_state(a) == full_state(b)
     assert Guests(CONFIG, STEPS, cache=False).cache is None
+
+
+def test_aging_the_kept_pristine_guest_itself_changes_nothing_but_the_copy(
+    tmp_path: Path,
+) -> None:
+    cache = AgedCache(tmp_path)
+    copied = Guests(CONFIG, STEPS, cache=cache)
+    copied.pristine_kept()
+    taken = Guests(CONFIG, STEPS, cache=cache)
+    kept = taken.pristine_kept()
+    assert taken.prepare(take_pristine=True) is kept  # no copy
+    assert full_state(kept) == full_state(copied.prepare())
+    assert full_state(taken.pristine()) == full_state(Guest(CONFIG))  # built anew, pristine
 
 
 def test_no_cache_turns_it_off(monkeypatch: pytest.MonkeyPatch) -> None:
