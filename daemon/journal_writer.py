@@ -50,6 +50,8 @@ _READ = 1 << 20
 
 
 def _say(line: str) -> None:
+    """One line to the daemon (a dead daemon: BrokenPipeError, and the writer stops; what
+    it committed stays, acknowledged or not)."""
     data = (line.replace("\n", " ") + "\n").encode()
     while data:
         data = data[os.write(1, data) :]
@@ -60,6 +62,8 @@ def _one_line(exc: BaseException) -> str:
 
 
 class _Writer:
+    """The loop: read what has arrived, commit it as one transaction, say so, repeat."""
+
     def __init__(self, journal: Journal, position: PositionFile | None, retry: float) -> None:
         self.journal = journal
         self.position = position
