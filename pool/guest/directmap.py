@@ -22,7 +22,7 @@ import attrs
 import numpy as np
 import numpy.typing as npt
 
-from pool.guest.uniq import unique, unique_sorted
+from pool.guest.uniq import distinct_regions, unique
 from pool.guest.units import PAGE_SIZE, PAGES_PER_1G, PAGES_PER_2M
 
 PRIVATE = 0
@@ -291,11 +291,11 @@ class DirectMap:
         if pages[0] < 0 or pages[-1] >= self.end_pfn or not self.ram[pages].all():
             raise ValueError("page list includes pages that are not RAM")
         before = self.splits()
-        gs = unique_sorted(pages >> _SHIFT_1G)
+        gs = distinct_regions(pages, _SHIFT_1G)
         gs = gs[(self.is_1g[gs] != 0) & (self.attr[gs << _SHIFT_1G] != attr)]
         for g in gs.tolist():
             self._split_1g(g)  # its 2 MiB leaves keep the 1 GiB leaf's attribute
-        ms = unique_sorted(pages >> _SHIFT_2M)
+        ms = distinct_regions(pages, _SHIFT_2M)
         ms = ms[(self.level[ms] == LEAF_2M) & (self.attr[ms << _SHIFT_2M] != attr)]
         for m in ms.tolist():
             self._split_2m(m)
