@@ -10,6 +10,8 @@ and after), so `compare` spent a fifth of its vmalloc runs here.
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -38,48 +40,54 @@ def unique_sorted(s: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
 # the pages again; with 64 every free hits (6,086 lookups, 3,050 sorts: one per area). At
 # most 64 x 2 arrays of a 16 MiB area's 4096 pages: 4 MiB.
 _DISTINCT_CACHED = 64
-_distinct: OrderedDict[int, tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]] = OrderedDict()
+
+Array = npt.NDArray[np.int64]
+_distinct: OrderedDict[int, tuple[Array, Array]] = OrderedDict()
+_regions: OrderedDict[tuple[int, int], tuple[Array, Array]] = OrderedDict()
 
 
-def distinct_pages(pfns: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
+def _remembered(
+    cache: OrderedDict[Any, tuple[Array, Array]],
+    key: Any,
+    source: Array,
+    compute: Callable[[], Array],
+    bound: int,
+) -> Array:
+    """What `compute` makes of `source`, kept (read-only) in `cache` for the last `bound`
+    keys, least recently used out first. The entry holds `source` alive and is a hit only
+    for that very array, so no other array that takes its id reads it."""
+    hit = cache.get(key)
+    if hit is not None and hit[0] is source:
+        cache.move_to_end(key)
+        return hit[1]
+    value = compute()
+    value.flags.writeable = False
+    cache[key] = (source, value)
+    if len(cache) > bound:
+        cache.popitem(last=False)
+    return value
+
+
+def distinct_pages(pfns: Array) -> Array:
     """unique(pfns) of a page array that is never written after it is made (a vmalloc area's
     pages), remembered for the last few arrays: an area's pages are sorted once, not again
     by each conversion (decrypt, encrypt) and by each direct-map alias change. The array is
     the key (by identity, held alive by the entry, so no other array takes its id while it
     is cached); a stale entry cannot arise because the arrays given here are not mutated."""
-    key = id(pfns)
-    hit = _distinct.get(key)
-    if hit is not None and hit[0] is pfns:
-        _distinct.move_to_end(key)
-        return hit[1]
-    pages = unique(pfns)
-    pages.flags.writeable = False
-    _distinct[key] = (pfns, pages)
-    if len(_distinct) > _DISTINCT_CACHED:
-        _distinct.popitem(last=False)
-    return pages
+    return _remembered(_distinct, id(pfns), pfns, lambda: unique(pfns), _DISTINCT_CACHED)
 
 
-_regions: OrderedDict[tuple[int, int], tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]] = (
-    OrderedDict()
-)
-
-
-def distinct_regions(pages: npt.NDArray[np.int64], shift: int) -> npt.NDArray[np.int64]:
+def distinct_regions(pages: Array, shift: int) -> Array:
     """unique_sorted(pages >> shift): the 2 MiB or 1 GiB regions of sorted distinct pages.
     Remembered, as distinct_pages is, for the arrays distinct_pages returns (read-only and
     owning their data: never written), so that an area's regions are computed once, not
     at each direct-map alias change; any other array is computed afresh."""
     if pages.flags.writeable or pages.base is not None:
         return unique_sorted(pages >> shift)
-    key = (id(pages), shift)
-    hit = _regions.get(key)
-    if hit is not None and hit[0] is pages:
-        _regions.move_to_end(key)
-        return hit[1]
-    regions = unique_sorted(pages >> shift)
-    regions.flags.writeable = False
-    _regions[key] = (pages, regions)
-    if len(_regions) > 2 * _DISTINCT_CACHED:
-        _regions.popitem(last=False)
-    return regions
+    return _remembered(
+        _regions,
+        (id(pages), shift),
+        pages,
+        lambda: unique_sorted(pages >> shift),
+        2 * _DISTINCT_CACHED,
+    )
