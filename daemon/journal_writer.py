@@ -117,20 +117,19 @@ class _Writer:
 
 def main(argv: list[str] | None = None) -> int:
     """sharedpoold's journal writer (started by daemon.journal.AsyncJournal):
-    DB SYNCHRONOUS POSITION|- [RETRY_SECONDS]."""
+    DB SYNCHRONOUS POSITION|-."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     args = sys.argv[1:] if argv is None else argv
     try:
-        db, synchronous, position_path = args[:3]
-        retry = float(args[3]) if len(args) > 3 else FULL_RETRY_SECONDS
+        db, synchronous, position_path = args
         journal = Journal(Path(db), synchronous)
         position = (
             None
             if position_path == "-"
             else PositionFile(Path(position_path), sync=synchronous == "full")
         )
-        return _Writer(journal, position, retry).run()
+        return _Writer(journal, position, FULL_RETRY_SECONDS).run()
     except BaseException as exc:  # reported to the daemon, which logs it on one line
         with contextlib.suppress(OSError):  # the daemon is gone: nobody to tell
             _say(f"E {_one_line(exc)}")
