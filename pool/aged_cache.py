@@ -288,13 +288,11 @@ class AgedCache:
             if not isinstance(scalars, dict):
                 raise _Unusable("bad scalars")
             return arrays, scalars
-        except (KeyError, TypeError, ValueError) as exc:
+        except BaseException as exc:
             for view in arrays.values():
-                view.release()
-            raise _Unusable(f"malformed header ({exc})") from None
-        except _Unusable:
-            for view in arrays.values():
-                view.release()
+                view.release()  # the map closes when the caller's check fails
+            if isinstance(exc, (KeyError, TypeError, ValueError)):
+                raise _Unusable(f"malformed header ({exc})") from None
             raise
 
     @staticmethod
