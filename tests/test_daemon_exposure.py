@@ -21,7 +21,7 @@ from typing import Any
 
 import aiohttp
 import pytest
-from support.daemons import DAEMON_CLI, ROOT, Daemon, load_openapi
+from support.daemons import DAEMON_CLI, ROOT, Daemon, load_openapi, process_gone, wait_gone
 from support.daemons import run_cli as _run
 
 from daemon.config import default_state_dir, default_unix_socket
@@ -85,12 +85,9 @@ os._exit(0)  # killed: the lock stays with the 'writer'
 """
 
 
-def test_a_dead_daemons_writer_keeps_the_lock_and_the_next_daemon_waits_for_it(
-    tmp_path: Path,
-) -> None:
-    from daemon.statedir import lock_state_dir
-
-    state = tmp_path / "state"
+def _die_holding_the_lock(state: Path) -> int:
+    """A process takes the state directory's lock, hands it to a child (its 'writer', which
+    lives 1.5 s) and exits; the child's pid."""
     out = subprocess.run(
         [sys.executable, "-c", _HOLDER, str(state)],
         capture_output=True,
@@ -98,12 +95,20 @@ def test_a_dead_daemons_writer_keeps_the_lock_and_the_next_daemon_waits_for_it(
         check=True,
         timeout=30,
     )
-    writer = int(out.stdout.strip())
-    assert Path(f"/proc/{writer}").exists()  # still running when the next daemon starts
+    return int(out.stdout.strip())
+
+
+def test_a_dead_daemons_writer_keeps_the_lock_and_the_next_daemon_waits_for_it(
+    tmp_path: Path,
+) -> None:
+    from daemon.statedir import lock_state_dir
+
+    state = tmp_path / "state"
+    writer = _die_holding_the_lock(state)
+    assert not process_gone(writer)  # still running when the next daemon starts
     lock = lock_state_dir(state)  # the holder's pid is gone: waits for its writer
     try:
-        stat = Path(f"/proc/{writer}/stat")  # taken only once the writer had exited
-        assert not stat.exists() or stat.read_text().rsplit(")", 1)[1].split()[0] == "Z"
+        assert process_gone(writer)  # taken only once the writer had exited
     finally:
         lock.release()
 
@@ -115,29 +120,13 @@ def test_a_writer_that_does_not_finish_is_named_not_its_dead_daemon(
 
     monkeypatch.setattr(statedir, "LOCK_WAIT_SECONDS", 0.2)
     state = tmp_path / "state"
-    out = subprocess.run(
-        [sys.executable, "-c", _HOLDER, str(state)],
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=30,
-    )
+    writer = _die_holding_the_lock(state)
     with pytest.raises(statedir.StateDirError) as err:
         statedir.lock_state_dir(state)
     assert "still locked 0.2 s after its daemon" in str(err.value)
     assert "journal writer has not finished" in str(err.value)
-    assert _wait_gone(int(out.stdout.strip()))
+    assert wait_gone(writer)
     statedir.lock_state_dir(state).release()  # and once it has, the lock is free
-
-
-def _wait_gone(pid: int, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        stat = Path(f"/proc/{pid}/stat")
-        if not stat.exists() or stat.read_text().rsplit(")", 1)[1].split()[0] == "Z":
-            return True
-        time.sleep(0.05)
-    return False
 
 
 async def test_a_daemon_killed_alone_leaves_its_writer_to_finish_and_restarts_at_once(

@@ -17,7 +17,7 @@ from typing import Any
 
 import aiohttp
 import pytest
-from support.daemons import Daemon
+from support.daemons import Daemon, journal_writer, process_gone
 
 
 def _session(d: Daemon) -> aiohttp.ClientSession:
@@ -267,6 +267,16 @@ def _fill(mnt: Path) -> Path:
     return filler
 
 
+async def _until_storage_full(http: aiohttp.ClientSession) -> None:
+    """Wait (at most ~5 s) for the daemon's metrics to report the disk full."""
+    for _ in range(100):
+        async with http.get("http://d/metrics") as resp:
+            if "sharedpool_storage_full 1.0" in await resp.text():
+                return
+        await asyncio.sleep(0.05)
+    raise AssertionError("storage_full never reported")
+
+
 async def test_full_disk_serves_reads_refuses_changes_and_resumes(
     tmp_path: Path, small_disk: Path
 ) -> None:
@@ -281,13 +291,7 @@ async def test_full_disk_serves_reads_refuses_changes_and_resumes(
             filler = _fill(small_disk)
             # the first change finds the disk full: it waits for space (not acknowledged)
             waiting = asyncio.ensure_future(_alloc(http, token, 8192))
-            for _ in range(100):
-                async with http.get("http://d/metrics") as resp:
-                    if "sharedpool_storage_full 1.0" in await resp.text():
-                        break
-                await asyncio.sleep(0.05)
-            else:
-                raise AssertionError("storage_full never reported")
+            await _until_storage_full(http)
             assert not waiting.done()
             # reads are served; other changes are refused at once
             async with http.get("http://d/v1/pool") as resp:
@@ -333,16 +337,10 @@ async def test_a_stop_while_the_disk_is_full_does_not_wait_for_the_writer_and_sa
         async with _session(d) as http:
             _, token = await _register(http)
             assert (await _alloc(http, token, 4096))[0] == 201
-            writer = _journal_writer(d.proc.pid)
+            writer = journal_writer(d.proc.pid)
             filler = _fill(small_disk)
             waiting = asyncio.ensure_future(_alloc(http, token, 8192))
-            for _ in range(100):
-                async with http.get("http://d/metrics") as resp:
-                    if "sharedpool_storage_full 1.0" in await resp.text():
-                        break
-                await asyncio.sleep(0.05)
-            else:
-                raise AssertionError("storage_full never reported")
+            await _until_storage_full(http)
             d.signal(signal.SIGTERM)  # the writer is retrying: the stop must not wait for it
             # (the request in flight is drained for daemon.shutdown_timeout, 10 s, as any)
             assert d.wait(timeout=30) == 0, d.output()
@@ -350,9 +348,7 @@ async def test_a_stop_while_the_disk_is_full_does_not_wait_for_the_writer_and_sa
         out = d.output()
         assert "stopping with a full disk: 1 records never acknowledged are not saved" in out
         assert "Traceback" not in out, out
-        assert not Path(f"/proc/{writer}").exists() or (
-            Path(f"/proc/{writer}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
-        )
+        assert process_gone(writer)
         filler.unlink()
     except BaseException:
         print(d.output())
@@ -385,15 +381,6 @@ def test_storage_errors_exit_4_not_3(tmp_path: Path) -> None:
 # ---- 8. the journal writer dies --------------------------------------------------------------
 
 
-def _journal_writer(pid: int) -> int:
-    """The daemon's journal writer process (a child of one of its threads)."""
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        for child in (task / "children").read_text().split():
-            if b"journal_writer" in Path(f"/proc/{child}/cmdline").read_bytes():
-                return int(child)
-    raise AssertionError("no journal writer")
-
-
 async def test_a_killed_journal_writer_stops_the_daemon_in_one_line_and_loses_nothing(
     tmp_path: Path,
 ) -> None:
@@ -404,7 +391,7 @@ async def test_a_killed_journal_writer_stops_the_daemon_in_one_line_and_loses_no
             _, token = await _register(http)
             for _ in range(5):
                 assert (await _alloc(http, token, 4096))[0] == 201
-            os.kill(_journal_writer(d.proc.pid), signal.SIGKILL)  # the OOM killer, say
+            os.kill(journal_writer(d.proc.pid), signal.SIGKILL)  # the OOM killer, say
             status, problem = await _alloc(http, token, 4096)
             assert status == 503 and problem["type"].endswith("not-ready"), problem
         assert d.wait(timeout=30) == 1

@@ -215,6 +215,34 @@ class Daemon:
         self._logf.close()
 
 
+def process_gone(pid: int) -> bool:
+    """Whether process `pid` has exited (gone, or a zombie its parent has not reaped)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return True
+    return stat.rsplit(")", 1)[1].split()[0] == "Z"
+
+
+def wait_gone(pid: int, timeout: float = 10.0) -> bool:
+    """process_gone(pid) within `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not process_gone(pid):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def journal_writer(pid: int) -> int:
+    """The daemon's journal writer process (a child of one of its threads)."""
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            if b"journal_writer" in Path(f"/proc/{child}/cmdline").read_bytes():
+                return int(child)
+    raise AssertionError("no journal writer")
+
+
 def _flag(key: str) -> str:
     from daemon.config import FIELDS
 
