@@ -384,10 +384,10 @@ def main() -> int:
             )
         if pure:
             print(f"pure Python, no cache (the baseline)   {spread(pure)}")
-            base = statistics.median(pure)
+            mid = statistics.median(pure)
             print(
-                f"speed-up (medians): cold {base / statistics.median(cold):.1f}x, "
-                f"warm {base / statistics.median(warm):.1f}x"
+                f"speed-up (medians): cold {mid / statistics.median(cold):.1f}x, "
+                f"warm {mid / statistics.median(warm):.1f}x"
             )
     return 1 if failed else 0
 
