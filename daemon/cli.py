@@ -45,6 +45,7 @@ from daemon.journal import Journal
 from daemon.state import check_state_config
 from daemon.statedir import StateDirError, lock_state_dir
 from pool import __version__, userwarnings
+from pool.closedpipe import quiet_on_closed_stdout
 from pool.strictargs import StrictParser
 
 log = logging.getLogger("sharedpoold")
@@ -378,6 +379,7 @@ async def serve(
     return status["code"]
 
 
+@quiet_on_closed_stdout
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)

@@ -46,6 +46,7 @@ from hv_netvsc_sim.sweep import add_sweep_command
 from hv_netvsc_sim.timeline import DEFAULT_SCENARIO, PRESETS
 from hv_netvsc_sim.verdict import verdict_lines
 from pool import __version__, userwarnings
+from pool.closedpipe import quiet_on_closed_stdout
 from pool.guest import GuestConfig
 from pool.guest.options import add_guest_arguments, check_guest_args
 from pool.provision import Guests
@@ -479,6 +480,7 @@ def _strict_status(args: argparse.Namespace, out: dict[str, Any]) -> int:
     return 0
 
 
+@quiet_on_closed_stdout
 def main(argv: Sequence[str] | None = None) -> int:
     userwarnings.install("hv-netvsc-sim")
     parser = build_parser()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import io
 import shutil
 import sys
@@ -200,6 +201,14 @@ def table_width(table: Table, stream: TextIO) -> int:
     return max(40, probe.measure(table).maximum)
 
 
+class _TableConsole(Console):
+    """rich's Console, leaving a closed pipe to the command (pool.closedpipe): rich's own
+    handler exits with status 1, the commands with 141 as for any other write."""
+
+    def on_broken_pipe(self) -> None:
+        raise BrokenPipeError(errno.EPIPE, "the reader of the output has closed")
+
+
 def print_table(table: Table, stream: TextIO | None = None) -> None:
     out = stream or sys.stdout
-    Console(file=out, width=table_width(table, out)).print(table)
+    _TableConsole(file=out, width=table_width(table, out)).print(table)

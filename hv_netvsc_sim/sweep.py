@@ -63,6 +63,7 @@ from hv_netvsc_sim.sweep_cell import (
 from hv_netvsc_sim.sweep_grid import Cell, Grid, GridError, load_grid
 from hv_netvsc_sim.sweep_store import ResultStore, check_metric
 from hv_netvsc_sim.sweep_summary import plot_summary, print_summary, summarize
+from pool.closedpipe import quiet_on_closed_stdout
 from pool.strictargs import StrictParser
 
 __all__ = [
@@ -476,6 +477,7 @@ def _sweep(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     return 1 if outcome.failed else 0
 
 
+@quiet_on_closed_stdout
 def main(argv: Sequence[str] | None = None) -> int:
     """`python -m hv_netvsc_sim.sweep ...` (the same as `hv-netvsc-sim sweep ...`)."""
     parser = StrictParser(prog="hv-netvsc-sim")

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import math
 import statistics
-import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, TextIO
@@ -152,12 +151,9 @@ def summary_table(summary: Mapping[str, Any]) -> Any:
 
 
 def print_summary(summary: Mapping[str, Any], stream: TextIO | None = None) -> None:
-    from rich.console import Console
+    from hv_netvsc_sim.report import print_table  # rich and matplotlib only when printing
 
-    console = Console(file=stream or sys.stdout)
-    if not console.is_terminal:
-        console.width = 1000  # a file or a pipe: never truncate a name
-    console.print(summary_table(summary))
+    print_table(summary_table(summary), stream)
 
 
 def plot_summary(summary: Mapping[str, Any], path: str) -> None:

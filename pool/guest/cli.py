@@ -17,6 +17,7 @@ from typing import Any
 import attrs
 
 from pool import aged_cache, userwarnings
+from pool.closedpipe import quiet_on_closed_stdout
 from pool.guest.buddy import default_zones
 from pool.guest.buddyimport import allocator_from_buddyinfo, buddyinfo_rows
 from pool.guest.directmap import DirectMap
@@ -393,6 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@quiet_on_closed_stdout
 def main(argv: Sequence[str] | None = None) -> int:
     userwarnings.install("python -m pool.guest")
     parser = build_parser()
