@@ -266,6 +266,13 @@ def main() -> int:
         "--python-load", action="store_true", help="use the Python fallback load generator"
     )
     parser.add_argument("--json", action="store_true", help="print the results as JSON too")
+    parser.add_argument(
+        "--daemon-tree",
+        type=Path,
+        metavar="DIR",
+        help="run the daemon from this checkout (an earlier commit, e.g. a git worktree) "
+        "instead of this one: the A/B of a change, the trivial server and wrk unchanged",
+    )
     args = parser.parse_args()
     conns: list[int] = args.connections
     use_wrk = not args.python_load and shutil.which("wrk") is not None
@@ -280,6 +287,13 @@ def main() -> int:
 
     tmp = Path(tempfile.mkdtemp(prefix="sharedpool-bench-"))
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    denv = env
+    if args.daemon_tree is not None:
+        tree = args.daemon_tree.resolve()
+        if not (tree / "daemon" / "cli.py").is_file():
+            parser.error(f"--daemon-tree {args.daemon_tree}: no daemon/cli.py there")
+        denv = {**os.environ, "PYTHONPATH": str(tree)}
+        print(f"daemon from {tree}")
     dlog, tlog = tmp / "daemon.log", tmp / "trivial.log"
     daemon_cmd = [sys.executable, "-m", "daemon.cli", "--state-dir", str(tmp / "state")]
     daemon_cmd += ["--listen", f"unix:{tmp / 'd.sock'}", "--listen", "tcp:127.0.0.1:0"]
@@ -287,7 +301,7 @@ def main() -> int:
     daemon_cmd += ["--synchronous", args.synchronous, "--lease-ttl", "3600"]
     daemon_cmd += ["--guest-memory", args.guest_memory]
     daemon = subprocess.Popen(
-        daemon_cmd, cwd=tmp, env=env, stdout=dlog.open("wb"), stderr=subprocess.STDOUT
+        daemon_cmd, cwd=tmp, env=denv, stdout=dlog.open("wb"), stderr=subprocess.STDOUT
     )
     trivial = subprocess.Popen(
         [sys.executable, "-c", TRIVIAL],
