@@ -52,6 +52,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+from checkout import earlier_checkout  # bench/, this script's directory
 
 ROOT = Path(__file__).resolve().parent.parent
 LUA = Path(__file__).with_name("wrk_alloc_free.lua")
@@ -268,7 +269,7 @@ def main() -> int:
     parser.add_argument("--json", action="store_true", help="print the results as JSON too")
     parser.add_argument(
         "--daemon-tree",
-        type=Path,
+        type=earlier_checkout,
         metavar="DIR",
         help="run the daemon from this checkout (an earlier commit, e.g. a git worktree) "
         "instead of this one: the A/B of a change, the trivial server and wrk unchanged",
@@ -289,11 +290,8 @@ def main() -> int:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     denv = env
     if args.daemon_tree is not None:
-        tree = args.daemon_tree.resolve()
-        if not (tree / "daemon" / "cli.py").is_file():
-            parser.error(f"--daemon-tree {args.daemon_tree}: no daemon/cli.py there")
-        denv = {**os.environ, "PYTHONPATH": str(tree)}
-        print(f"daemon from {tree}")
+        denv = {**os.environ, "PYTHONPATH": str(args.daemon_tree)}
+        print(f"daemon from {args.daemon_tree}")
     dlog, tlog = tmp / "daemon.log", tmp / "trivial.log"
     daemon_cmd = [sys.executable, "-m", "daemon.cli", "--state-dir", str(tmp / "state")]
     daemon_cmd += ["--listen", f"unix:{tmp / 'd.sock'}", "--listen", "tcp:127.0.0.1:0"]

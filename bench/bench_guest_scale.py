@@ -52,6 +52,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from checkout import earlier_checkout  # bench/, this script's directory
+
 from pool.guest.buddy import PageAllocator
 from pool.guest.fragmentation import format_buddyinfo, unusable_free_index
 from pool.guest.units import PAGE_SHIFT, PAGES_PER_2M, GiB
@@ -255,17 +257,6 @@ def compare_wall(
     return time.perf_counter() - start
 
 
-def baseline_tree(arg: str) -> Path:
-    """--compare-baseline: a directory holding a checkout's hv_netvsc_sim and pool."""
-    tree = Path(arg).resolve()
-    if not (tree / "hv_netvsc_sim" / "compare.py").is_file():
-        raise argparse.ArgumentTypeError(
-            f"{arg}: not a sharedpool checkout (no hv_netvsc_sim/compare.py); make one with "
-            "git worktree add DIR COMMIT"
-        )
-    return tree
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--steps", type=int, default=1_000_000)
@@ -279,7 +270,7 @@ def main() -> int:
     )
     parser.add_argument(
         "--compare-baseline",
-        type=baseline_tree,
+        type=earlier_checkout,
         metavar="DIR",
         help="a checkout of earlier code whose compare runs beside each repeat",
     )
